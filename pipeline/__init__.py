@@ -1,0 +1,1 @@
+"""abvid.pipeline: everything from video file to batch of transitions (CPU only)."""

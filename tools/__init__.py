@@ -1,0 +1,1 @@
+"""abvid.tools: the CLI, the toy-corpus generator, configuration and benchmarks."""

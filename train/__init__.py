@@ -1,0 +1,1 @@
+"""abvid.train: objectives, the training loop, checkpoints, embedding and probes."""

@@ -1,0 +1,1 @@
+"""Objectives: one module per method family (dino, simclr, clip) plus annotation bootstrapping."""
