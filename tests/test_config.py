@@ -1,0 +1,63 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from abvid.tools.config import ConfigError, load_config, merge, parse_overrides, save_config, to_dict
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+    name: Literal["dino", "simclr"] = "dino"
+    sizes: tuple[int, ...] = (224, 96)
+
+
+@dataclass(frozen=True)
+class Outer:
+    train: Inner = field(default_factory=Inner)
+    shards: str | None = None
+    flag: bool = False
+
+
+def test_overrides_merge_in_order(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.5\n  steps: 3\n")
+    cfg = load_config(Outer, p, ["train.steps=7", "flag=true", "shards=/x/{0..3}.tar"])
+    assert cfg.train.lr == 0.5 and cfg.train.steps == 7 and cfg.flag is True
+    assert cfg.shards == "/x/{0..3}.tar"
+    assert cfg.train.sizes == (224, 96)
+
+
+def test_unknown_key_names_nearest():
+    with pytest.raises(ConfigError, match=r"train\.stesp.*Did you mean 'steps'"):
+        merge(Outer(), parse_overrides(["train.stesp=3"]))
+
+
+def test_wrong_types_rejected():
+    with pytest.raises(ConfigError, match="train.steps"):
+        merge(Outer(), {"train": {"steps": "many"}})
+    with pytest.raises(ConfigError, match="train.name"):
+        merge(Outer(), {"train": {"name": "byol"}})
+    with pytest.raises(ConfigError, match="flag"):
+        merge(Outer(), {"flag": 1})
+
+
+def test_int_accepted_for_float_and_list_for_tuple():
+    cfg = merge(Outer(), {"train": {"lr": 1, "sizes": [64, 32]}})
+    assert isinstance(cfg.train.lr, float) and cfg.train.sizes == (64, 32)
+
+
+def test_roundtrip_save(tmp_path):
+    cfg = merge(Outer(), {"train": {"steps": 5}})
+    save_config(cfg, tmp_path / "r.yaml")
+    assert load_config(Outer, tmp_path / "r.yaml") == cfg
+    assert to_dict(cfg)["train"]["sizes"] == [224, 96]
+
+
+def test_yaml_must_be_mapping(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Outer, p)
