@@ -1,0 +1,219 @@
+"""Tests of train/embed.py and `abvid embed`: row/index alignment, determinism, broken inputs, resume, shards."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from abvid.model import build_encoder
+from abvid.model.io import save_encoder
+from abvid.pipeline.video import open_video
+from abvid.train import embed as E
+from conftest import make_video, write_test_shards
+
+TINY = {"arch": "vit_tiny", "patch_size": 16, "img_size": 32, "embed_dim": 64, "depth": 2, "num_heads": 2}
+SIZE = 32
+
+
+@pytest.fixture
+def encoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_encoder(**TINY).eval()
+
+
+@pytest.fixture
+def videos(tmp_path) -> list[Path]:
+    return [make_video(tmp_path / "v" / "a.mp4", num_frames=45, seed=1),
+            make_video(tmp_path / "v" / "b.mp4", fps=25, num_frames=40, width=96, height=128, seed=2)]
+
+
+def read_index(out: Path) -> list[dict]:
+    with (out / "index.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_rows_match_index_and_decoded_frames(tmp_path, encoder, videos):
+    res = E.embed_inputs([str(tmp_path / "v")], tmp_path / "out", encoder, fps=4.0, size=SIZE, batch_size=4,
+                         progress=False)
+    assert [r.status for r in res] == ["ok", "ok"]
+    x = np.load(tmp_path / "out" / "embeddings.npy")
+    rows = read_index(tmp_path / "out")
+    assert x.shape == (len(rows), 64) and x.dtype == np.float32
+    assert [int(r["row"]) for r in rows] == list(range(len(rows)))
+    start = 0
+    for path in videos:
+        with open_video(str(path), fps=4.0, short_side=SIZE) as dec:
+            ref = [(f.index, f.pts_s, E.center_square(f.image, SIZE)) for f in dec]
+        mine = rows[start:start + len(ref)]
+        assert {r["source"] for r in mine} == {str(path)} and len({r["video_id"] for r in mine}) == 1
+        assert [int(r["frame_index"]) for r in mine] == [i for i, _, _ in ref]
+        assert [float(r["pts_s"]) for r in mine] == pytest.approx([t for _, t, _ in ref], abs=1e-9)
+        with torch.inference_mode():  # row i is the embedding of frame i (within fp tolerance of a lone batch)
+            direct = encoder.embed(torch.from_numpy(np.stack([im for _, _, im in ref])).permute(0, 3, 1, 2))
+        np.testing.assert_allclose(x[start:start + len(ref)], direct.numpy(), rtol=1e-4, atol=1e-5)
+        start += len(ref)
+    assert start == len(rows)
+    assert [json.loads(line)["status"] for line in (tmp_path / "out" / "report.jsonl").read_text().splitlines()] \
+        == ["ok", "ok"]
+
+
+def test_embedding_twice_is_identical(tmp_path, encoder, videos):
+    for name in ("o1", "o2"):
+        E.embed_inputs([str(p) for p in videos], tmp_path / name, encoder, size=SIZE, batch_size=3, progress=False)
+    a, b = np.load(tmp_path / "o1" / "embeddings.npy"), np.load(tmp_path / "o2" / "embeddings.npy")
+    assert a.tobytes() == b.tobytes()
+    assert read_index(tmp_path / "o1") == read_index(tmp_path / "o2")
+
+
+def test_broken_input_is_reported_and_the_rest_embedded(tmp_path, encoder, videos, capsys):
+    from abvid.tools.cli import main
+    (tmp_path / "v" / "broken.mp4").write_bytes(b"")
+    enc_file = save_encoder(encoder, TINY, tmp_path / "enc.safetensors")
+    rc = main(["embed", "--checkpoint", str(enc_file), str(tmp_path / "v"), "--out", str(tmp_path / "out"),
+               "--no-progress", "--batch-size", "8"])
+    assert rc == 1
+    assert "broken.mp4" in capsys.readouterr().err
+    report = [json.loads(line) for line in (tmp_path / "out" / "report.jsonl").read_text().splitlines()]
+    status = {Path(r["input"]).name: r for r in report}
+    assert status["broken.mp4"]["status"] == "failed" and "empty" in status["broken.mp4"]["error"]
+    assert status["a.mp4"]["status"] == status["b.mp4"]["status"] == "ok"
+    rows = read_index(tmp_path / "out")
+    assert {Path(r["source"]).name for r in rows} == {"a.mp4", "b.mp4"}
+    assert np.load(tmp_path / "out" / "embeddings.npy").shape[0] == len(rows)
+    assert status["a.mp4"]["frames"] == 6
+    assert json.loads((tmp_path / "out" / "parts" / "settings.json").read_text())["size"] == 32  # img_size
+
+
+def test_prefetch_passes_items_and_errors_and_stops_early():
+    assert list(E.prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def bad():
+        yield 1
+        raise ValueError("decoder exploded")
+    it = E.prefetch(bad(), depth=2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="exploded"):
+        next(it)
+    endless = E.prefetch(iter(range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close()   # the producer thread stops instead of blocking on the full queue
+
+
+def test_rerun_skips_done_videos_and_resumes_after_a_crash(tmp_path, encoder, videos, monkeypatch):
+    inputs = [str(p) for p in videos]
+    clean = tmp_path / "clean"
+    E.embed_inputs(inputs, clean, encoder, size=SIZE, progress=False)
+
+    # crash while embedding the second video: the first stays done, no half part is trusted
+    out = tmp_path / "out"
+    real = E.encode
+    calls = {"n": 0}
+
+    def failing(enc, pixels, device):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("simulated crash")
+        return real(enc, pixels, device)
+    monkeypatch.setattr(E, "encode", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        E.embed_inputs(inputs, out, encoder, size=SIZE, batch_size=3, progress=False)
+    assert not (out / "embeddings.npy").exists() and not list((out / "parts").glob("*.tmp"))
+    assert len(list((out / "parts").glob("*.done.json"))) == 1
+    monkeypatch.setattr(E, "encode", real)
+
+    decoded: list[str] = []
+    real_frames = E.video_frames
+    monkeypatch.setattr(E, "video_frames", lambda path, *a, **k: (decoded.append(path), real_frames(path, *a, **k))[1])
+    res = E.embed_inputs(inputs, out, encoder, size=SIZE, progress=False)
+    assert [r.status for r in res] == ["cached", "ok"] and decoded == [inputs[1]]
+    assert (out / "embeddings.npy").read_bytes() == (clean / "embeddings.npy").read_bytes()
+    assert read_index(out) == read_index(clean)
+    decoded.clear()
+    res = E.embed_inputs(inputs, out, encoder, size=SIZE, progress=False)
+    assert [r.status for r in res] == ["cached", "cached"] and decoded == []
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path, encoder, videos):
+    E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=SIZE, progress=False)
+    with pytest.raises(E.EmbedError, match="--overwrite"):
+        E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=48, progress=False)
+    res = E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=48, overwrite=True, progress=False)
+    assert res[0].status == "ok"
+
+
+def test_two_runs_cannot_share_an_output_folder(tmp_path, encoder, videos):
+    import fcntl
+    (tmp_path / "out" / "parts").mkdir(parents=True)
+    with open(tmp_path / "out" / "parts" / ".lock", "a+") as held:   # as if another run were writing
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(E.EmbedError, match="another `abvid embed` run"):
+            E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=SIZE, progress=False)
+    assert E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=SIZE, progress=False)[0].status == "ok"
+
+
+def test_shards_float16_and_duplicates(tmp_path, encoder):
+    shards = write_test_shards(tmp_path / "shards", videos=2, clips_per_video=2, clip_len=4, shard_clips=3)
+    res = E.embed_inputs([str(tmp_path / "shards"), str(shards[0])], tmp_path / "out", encoder, size=SIZE,
+                         dtype="float16", progress=False)
+    assert [r.status for r in res] == ["ok", "ok", "skipped"]
+    x = np.load(tmp_path / "out" / "embeddings.npy")
+    rows = read_index(tmp_path / "out")
+    assert x.dtype == np.float16 and x.shape == (16, 64)
+    assert [(r["video_id"], int(r["frame_index"])) for r in rows] == \
+        [(f"vid{v:03d}_deadbeef", i) for v in range(2) for i in range(8)]
+    assert [float(r["pts_s"]) for r in rows[:8]] == [i / 4.0 for i in range(8)]
+    assert rows[0]["source"] == "/data/vid000.mp4"
+
+
+def test_truncated_shard_fails_alone(tmp_path, encoder):
+    shards = write_test_shards(tmp_path / "shards", videos=2, clips_per_video=2, clip_len=4, shard_clips=2)
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 3])
+    res = E.embed_inputs([str(tmp_path / "shards")], tmp_path / "out", encoder, size=SIZE, progress=False)
+    assert [r.status for r in res] == ["ok", "failed"]
+    assert "shard-000001.tar" in res[1].error
+    assert len(read_index(tmp_path / "out")) == 8
+
+
+def test_shard_cut_at_a_header_is_detected(tmp_path, encoder):
+    import tarfile
+    shards = write_test_shards(tmp_path / "shards", videos=1, clips_per_video=2, clip_len=4, shard_clips=2)
+    with tarfile.open(shards[0]) as tf:
+        last_header = tf.getmembers()[-1].offset
+    shards[0].write_bytes(shards[0].read_bytes()[:last_header])   # tarfile alone would end quietly here
+    res = E.embed_inputs([str(shards[0]), str(tmp_path / "missing.tar")], tmp_path / "out", encoder, size=SIZE,
+                         progress=False)
+    assert [r.status for r in res] == ["failed", "failed"]
+    assert "ends inside a header" in res[0].error and "no such shard" in res[1].error
+    assert not (tmp_path / "out" / "embeddings.npy").exists()
+
+
+def test_parquet_when_pyarrow_is_installed(tmp_path, encoder, videos):
+    pq = pytest.importorskip("pyarrow.parquet")
+    E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=SIZE, progress=False)
+    t = pq.read_table(tmp_path / "out" / "embeddings.parquet")
+    x = np.load(tmp_path / "out" / "embeddings.npy")
+    assert t.num_rows == x.shape[0]
+    np.testing.assert_array_equal(np.stack(t.column("embedding").to_pylist()), x)
+
+
+def test_center_square():
+    img = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+    np.testing.assert_array_equal(E.center_square(img, 6), img[:, 2:8])
+    assert E.center_square(img, 4).shape == (4, 4, 3)
+
+
+def test_bench_embed_reports_the_closing_json_line(tmp_path, encoder, capsys):
+    from abvid.tools.cli import main
+    video = make_video(tmp_path / "b.mp4", num_frames=30)
+    ckpt = save_encoder(encoder, TINY, tmp_path / "enc.safetensors")
+    assert main(["bench", "embed", str(video), "--checkpoint", str(ckpt), "--size", "32", "--fps", "0",
+                 "--batch-size", "8", "--repeat", "1", "--device", "cpu", "--copies", "2"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["bench"] == "embed" and row["unit"] == "frames/s" and row["frames"] == 60 and row["copies"] == 2
+    assert row["bound"] == pytest.approx(min(row["decode_fps"], row["model_fps"]), rel=1e-2)
+    assert row["ratio"] == pytest.approx(row["throughput"] / row["bound"], rel=1e-2)

@@ -1,0 +1,213 @@
+"""Summarise shards and draw a contact sheet of a few clips with their sampled views.
+
+    abvid inspect shards/ [--out sheet.png] [--clips 4] [--frames 8] [--seed 0]
+
+SHARDS: .tar files, folders of them, globs or brace patterns. Prints a table:
+shards, clips, videos, frames, frame sizes, corpus and source fps, durations
+per video, annotation coverage (share of frames inside a labelled segment) and
+the most frequent labels; plus the preprocessing manifest's status counts when
+the folder has one. With --out, writes a PNG contact sheet: for --clips clips
+(seeded pick, different videos first) the frames in time order with the views
+of pipeline.views.ViewSampler drawn as boxes, and the views rendered as the
+model gets them. The sampler has the default data.* settings, or those of a
+pre-training config given with --config / --set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from abvid.tools.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+
+@dataclass
+class ShardStats:
+    shards: int = 0
+    bytes: int = 0
+    clips: int = 0
+    frames: int = 0
+    bad_clips: int = 0
+    sizes: Counter = field(default_factory=Counter)          # (w, h) -> clips
+    fps: Counter = field(default_factory=Counter)            # corpus fps -> clips
+    source_fps: list[float] = field(default_factory=list)    # one per video
+    clip_len: Counter = field(default_factory=Counter)
+    codecs: Counter = field(default_factory=Counter)         # per video
+    span: dict = field(default_factory=dict)                 # video_id -> [first pts, last pts, fps]
+    labelled_frames: int = 0
+    label_frames: Counter = field(default_factory=Counter)   # label -> frames inside one of its segments
+    annotated_videos: set = field(default_factory=set)
+
+    def add(self, meta: dict) -> None:
+        pts = [float(t) for t in meta["pts_s"]]
+        vid = meta["video_id"]
+        self.clips += 1
+        self.frames += len(pts)
+        self.clip_len[len(pts)] += 1
+        self.sizes[(int(meta["width"]), int(meta["height"]))] += 1
+        self.fps[float(meta["fps"])] += 1
+        if vid not in self.span:
+            self.span[vid] = [min(pts), max(pts), float(meta["fps"])]
+            if meta.get("source_fps"):
+                self.source_fps.append(float(meta["source_fps"]))
+            self.codecs[meta.get("codec") or "?"] += 1
+        else:
+            s = self.span[vid]
+            s[0], s[1] = min(s[0], *pts), max(s[1], *pts)
+        anns = meta.get("annotations") or []
+        if anns:
+            self.annotated_videos.add(vid)
+        for t in pts:
+            inside = [a for a in anns if a["start_s"] <= t <= a["end_s"]]
+            self.labelled_frames += bool(inside)
+            for name in {a.get("label") or a.get("text") or "" for a in inside} - {""}:
+                self.label_frames[name] += 1
+
+    def durations(self) -> list[float]:
+        """Seconds covered per video: last - first pts plus one frame interval."""
+        return [last - first + 1.0 / fps for first, last, fps in self.span.values()]
+
+
+def scan(urls: list[str]) -> tuple[ShardStats, list[tuple[str, str, str]]]:
+    """One pass over all samples: stats, and (url, key, video_id) of every clip."""
+    from abvid.pipeline.source import group_samples, tar_members
+
+    stats, clips = ShardStats(shards=len(urls)), []
+    stats.bytes = sum(Path(u).stat().st_size for u in urls if Path(u).is_file())
+    for s in group_samples()(tar_members()(urls)):
+        try:
+            meta = json.loads(s["json"])
+            stats.add(meta)
+        except (KeyError, ValueError, TypeError) as e:
+            warnings.warn(f"shard {s['__url__']}, key {s['__key__']}: bad clip JSON ({type(e).__name__}: {e})")
+            stats.bad_clips += 1
+            continue
+        clips.append((s["__url__"], s["__key__"], meta["video_id"]))
+    return stats, clips
+
+
+def pick_clips(clips: list[tuple[str, str, str]], n: int, seed: int) -> list[tuple[str, str, str]]:
+    """``n`` clips in a seeded random order, one per video before any video repeats."""
+    order = np.random.default_rng(seed).permutation(len(clips))
+    first, rest, seen = [], [], set()
+    for i in order:
+        (rest if clips[i][2] in seen else first).append(clips[i])
+        seen.add(clips[i][2])
+    return (first + rest)[:n]
+
+
+def read_clips(wanted: list[tuple[str, str, str]]) -> list[tuple[str, dict, dict[int, tuple[str, bytes]]]]:
+    """(key, meta, {frame number: (ext, bytes)}) of the wanted clips, in the wanted order."""
+    from abvid.pipeline.source import group_samples, tar_members
+
+    keys = {(u, k) for u, k, _ in wanted}
+    found = {}
+    for s in group_samples()(tar_members()(sorted({u for u, _, _ in wanted}))):
+        if (s["__url__"], s["__key__"]) in keys:
+            frames = {}
+            for suffix, data in s.items():
+                num, _, ext = suffix.partition(".")
+                if num.isdigit() and ext in ("jpg", "jpeg", "webp"):
+                    frames[int(num)] = (ext, data)
+            found[(s["__url__"], s["__key__"])] = (s["__key__"], json.loads(s["json"]), frames)
+    return [found[(u, k)] for u, k, _ in wanted if (u, k) in found and sorted(found[(u, k)][2]) ==
+            list(range(len(found[(u, k)][2]))) and found[(u, k)][2]]
+
+
+def _range(values: list[float], fmt: str = "{:.1f}") -> str:
+    if not values:
+        return "-"
+    return f"{fmt.format(min(values))} / {fmt.format(statistics.median(values))} / {fmt.format(max(values))}"
+
+
+def format_stats(st: ShardStats, manifest: Counter | None) -> str:
+    d = st.durations()
+    cover = st.labelled_frames / st.frames if st.frames else 0.0
+    top = ", ".join(f"{k} ({v / st.frames:.0%})" for k, v in st.label_frames.most_common(8)) or "-"
+    sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in st.sizes.most_common(4))
+    rows = [
+        ("shards", f"{st.shards} ({st.bytes / 1e6:.1f} MB)"),
+        ("clips", f"{st.clips}" + (f" (+{st.bad_clips} unreadable)" if st.bad_clips else "")),
+        ("videos", f"{len(st.span)}"),
+        ("frames", f"{st.frames} (frames/clip: {', '.join(f'{k} x{v}' for k, v in sorted(st.clip_len.items()))})"),
+        ("frame size", sizes or "-"),
+        ("corpus fps", ", ".join(f"{f:g} ({n} clips)" for f, n in st.fps.most_common()) or "-"),
+        ("source fps min/med/max", _range(st.source_fps, "{:.2f}")),
+        ("video duration s min/med/max", _range(d) + (f"  (total {sum(d) / 3600:.2f} h)" if d else "")),
+        ("codecs", ", ".join(f"{c} ({n})" for c, n in st.codecs.most_common()) or "-"),
+        ("annotation coverage", f"{cover:.1%} of frames, {len(st.annotated_videos)}/{len(st.span)} videos"),
+        ("labels (share of frames)", top),
+    ]
+    if manifest:
+        rows.append(("manifest", ", ".join(f"{k} {v}" for k, v in manifest.most_common())))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def read_manifest(specs: list[str]) -> Counter | None:
+    """Status counts of manifest.jsonl in the first given folder that has one."""
+    for spec in specs:
+        path = Path(spec) / "manifest.jsonl"
+        if path.is_file():
+            counts: Counter = Counter()
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    counts[json.loads(line).get("status", "?")] += 1
+            return counts
+    return None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shards", nargs="+", metavar="SHARDS", help="shard files, folders, globs or brace patterns")
+    p.add_argument("--out", default=None, metavar="PNG", help="write a contact sheet to this PNG")
+    p.add_argument("--clips", type=int, default=4, help="clips on the contact sheet")
+    p.add_argument("--frames", type=int, default=8, help="frames shown per clip (at least those the views use)")
+    p.add_argument("--thumb", type=int, default=96, help="thumbnail height in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the clip pick and of the view sampler")
+    p.add_argument("--config", default=None, metavar="CONFIG.yaml",
+                   help="draw views with this pre-training config's data.* view settings (default: the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. data.n_local=6 (repeatable)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from abvid.pipeline.source import expand_shards
+
+    try:
+        urls = expand_shards(args.shards)
+    except ValueError as e:
+        print(f"abvid inspect: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    sampler = None
+    if args.out:   # read the config first: a bad key fails before the scan (ConfigError -> exit 2 in cli.py)
+        from abvid.tools.config import load_config
+        from abvid.train.config import PretrainConfig
+        sampler = load_config(PretrainConfig, args.config, args.overrides).data.view_sampler()
+    stats, clips = scan(urls)
+    print(format_stats(stats, read_manifest(args.shards)))
+    if args.out:
+        if not clips:
+            print("abvid inspect: no readable clip to draw", file=sys.stderr)
+            return EXIT_USAGE
+        from abvid.tools.contact_sheet import draw_sheet
+        chosen = read_clips(pick_clips(clips, args.clips, args.seed))
+        title = (f"abvid inspect: {len(chosen)} of {stats.clips} clips, {len(stats.span)} videos, "
+                 f"{stats.shards} shards ({', '.join(args.shards)[:80]})")
+        try:
+            sheet = draw_sheet(chosen, title=title, sampler=sampler, seed=args.seed, thumb_h=args.thumb,
+                               max_frames=args.frames)
+        except ValueError as e:
+            print(f"abvid inspect: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(out)
+        print(f"contact sheet: {out} ({sheet.width}x{sheet.height})")
+    return EXIT_OK
