@@ -49,6 +49,16 @@ def test_int_accepted_for_float_and_list_for_tuple():
     assert isinstance(cfg.train.lr, float) and cfg.train.sizes == (64, 32)
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 (yaml.safe_load) reads "3e-4" as a string; users write it in files and --set alike.
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 3e-4\n")
+    assert load_config(Outer, p).train.lr == 3e-4
+    assert merge(Outer(), parse_overrides(["train.lr=1E-3"])).train.lr == 1e-3
+    with pytest.raises(ConfigError, match="train.lr"):
+        merge(Outer(), parse_overrides(["train.lr=3e-4x"]))
+
+
 def test_roundtrip_save(tmp_path):
     cfg = merge(Outer(), {"train": {"steps": 5}})
     save_config(cfg, tmp_path / "r.yaml")
