@@ -12,6 +12,7 @@ class Inner:
     steps: int = 10
     name: Literal["dino", "simclr"] = "dino"
     sizes: tuple[int, ...] = (224, 96)
+    scale: tuple[float, float] = (0.3, 1.0)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     assert merge(Outer(), parse_overrides(["train.lr=1E-3"])).train.lr == 1e-3
     with pytest.raises(ConfigError, match="train.lr"):
         merge(Outer(), parse_overrides(["train.lr=3e-4x"]))
+
+
+def test_fixed_length_tuple():
+    cfg = merge(Outer(), parse_overrides(["train.scale=[0.1, 1]"]))
+    assert cfg.train.scale == (0.1, 1.0) and all(isinstance(v, float) for v in cfg.train.scale)
+    with pytest.raises(ConfigError, match="2 items"):
+        merge(Outer(), {"train": {"scale": [0.1]}})
 
 
 def test_roundtrip_save(tmp_path):
