@@ -1,0 +1,304 @@
+"""Transition loader: shards -> clips -> views -> batches (docs/INTERFACES.md "Loader batch").
+
+    loader = build_loader(DataConfig(shards="/data/shards"), batch_size=64, rank=0, world_size=1)
+    for batch in loader: ...                     # endless (resampled) unless one_pass=True
+    state = loader.state_dict()                  # exact resume: new loader + load_state_dict(state)
+
+The pipeline is composed in one place, ``ClipDataset._stages``, from curried
+generator stages (webdataset style):
+
+    shard URLs -> tar members -> samples (raw bytes) -> shuffle buffer -> position counter (resume skip)
+      -> sample views (parameters only) -> decode the frames the views use -> crop/resize/augment -> collate
+
+Exact resume without decoding. All randomness is a pure function of
+(seed, epoch, rank, worker, position): the shard order/draws, the shuffle buffer's
+generator (seeded once per epoch and fed a deterministic stream), and a fresh
+generator per sample position for its views. The dataset's state is (epoch,
+position) = how many samples of the epoch's shuffled stream the worker has
+consumed. StatefulDataLoader stores that state per worker with every batch; on
+``load_state_dict`` each worker rebuilds the epoch's raw stream and drops the first
+``position`` samples *before* view sampling and decoding, so a replay reads tar
+bytes but decodes no JPEG. Samples skipped by the error policy (source.py) count as
+consumed positions, so resume stays exact when some data are bad. Resume needs the
+same shards, seed, world size and number of workers (the last two checked, with a clear
+error: ``TransitionLoader.load_state_dict`` / ``ClipDataset.load_state_dict``).
+
+Epochs: one-pass mode reads every shard once (split by rank and worker) and stops.
+Training streams are endless: in resampled mode each worker draws its share of
+shards with replacement every epoch (no shard-count requirement); otherwise each
+epoch is a fresh permutation of all shards. The shuffle buffer is drained at each
+epoch end, which bounds the replay cost of a resume to one worker-epoch of tar reading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from abvid.pipeline.source import (Stage, check_split, epoch_shards, expand_shards, group_samples, shuffle,
+                                   tar_members, warn_skip)
+from abvid.pipeline.views import FRAME_SUFFIXES, Views, ViewSampler, decode_frame, render
+
+# Sub-streams of the (seed, epoch, rank, worker, ...) seeding (source.py uses 0 and 1).
+_SHUFFLE_STREAM, _VIEW_STREAM = 2, 3
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Every data setting of pre-training; view fields are passed to views.ViewSampler by name."""
+    shards: str | tuple[str, ...] = ""      # path, folder, glob, brace pattern, URL, or several ('::' or a list)
+    allow_pipe: bool = False                 # accept pipe: URLs (they run shell commands)
+    resampled: bool = True                   # training stream: shards drawn with replacement
+    shuffle: bool = True                     # per-epoch shard order + sample shuffle buffer
+    shuffle_buffer: int = 256                # clips held per worker (~0.4 MB each for 16 JPEG frames)
+    workers: int = 4
+    prefetch_factor: int = 2
+    seed: int = 0
+    aug_in_loader: bool = True               # False: record aug params, leave colour/blur/solarize to the
+                                             # caller (views.augment works on GPU tensors); flip stays here
+    n_global: int = 2
+    global_size: int = 224
+    n_local: int = 4
+    local_size: int = 96
+    global_scale: tuple[float, ...] = (0.32, 1.0)
+    local_scale: tuple[float, ...] = (0.05, 0.32)
+    aspect: tuple[float, ...] = (3 / 4, 4 / 3)
+    max_dt: int = 8
+    p_dt0: float = 0.5
+    dt_mode: Literal["forward", "symmetric"] = "symmetric"
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grey_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, ...] = (0.1, 2.0)
+    solarize_p: float = 0.2
+
+    def view_sampler(self) -> ViewSampler:
+        return ViewSampler(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ViewSampler)})
+
+
+def clip_id(key: str) -> int:
+    """Stable 63-bit id of a clip key (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def _frames_of(sample: dict) -> dict[int, tuple[str, bytes]]:
+    """{'000.jpg': b'..', ...} members -> {0: ('jpg', b'..'), ...}."""
+    out = {}
+    for suffix, data in sample.items():
+        idx, _, ext = suffix.partition(".")
+        if ext in FRAME_SUFFIXES and idx.isdigit():
+            out[int(idx)] = (ext, data)
+    return out
+
+
+def _labels_at(annotations: list[dict], times: list[float]) -> list[str]:
+    """Labels/texts of the annotations whose [start_s, end_s] holds one of ``times``, first-seen order."""
+    labels: list[str] = []
+    for ann in annotations:
+        name = ann.get("label", ann.get("text"))
+        if name and name not in labels and any(float(ann["start_s"]) <= t <= float(ann["end_s"]) for t in times):
+            labels.append(str(name))
+    return labels
+
+
+def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Generator]) -> Stage:
+    """Stage: raw clip -> "__frames__" (still bytes), "__views__", "__times__", "__labels__"; no pixels touched."""
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            key, url = s["__key__"], s["__url__"]
+            try:
+                meta = json.loads(s["json"])
+                frames = _frames_of(s)
+                K = len(frames)
+                if K == 0 or sorted(frames) != list(range(K)):
+                    raise ValueError(f"frames must be numbered 000..{K - 1:03d}, found {sorted(frames)[:20]}")
+                if len(meta["pts_s"]) != K:
+                    raise ValueError(f"json pts_s has {len(meta['pts_s'])} entries for {K} frames")
+                views = sampler.sample(rng_for(s["__pos__"]), K, int(meta["width"]), int(meta["height"]))
+                times = [float(meta["pts_s"][int(t)]) for t in views.frame_idx]
+                labels = _labels_at(meta.get("annotations") or [], times)
+            except (KeyError, ValueError, TypeError) as e:   # json.JSONDecodeError is a ValueError
+                warn_skip(url, key, f"bad clip metadata ({type(e).__name__}: {e})")
+                continue
+            yield {"__key__": key, "__url__": url, "__frames__": frames, "__views__": views,
+                   "__times__": times, "__labels__": labels}
+    return stage
+
+
+def decode_frames() -> Stage:
+    """Stage: decode only the frames the views use -> "__frames__" = {index: (3, H, W) uint8}."""
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            views: Views = s["__views__"]
+            try:
+                s["__frames__"] = {int(t): decode_frame(s["__frames__"][int(t)][1], s["__frames__"][int(t)][0])
+                                   for t in np.unique(views.frame_idx)}
+            except (RuntimeError, ValueError) as e:
+                warn_skip(s["__url__"], s["__key__"], f"frame does not decode ({type(e).__name__}: {e})")
+                continue
+            yield s
+    return stage
+
+
+def render_views(sampler: ViewSampler, apply_aug: bool) -> Stage:
+    """Stage: decoded frames + view parameters -> one transition sample (per-clip part of the batch)."""
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            views: Views = s["__views__"]
+            g, loc, boxes = render(s["__frames__"], views, sampler.n_global, sampler.global_size,
+                                   sampler.local_size, apply_aug=apply_aug)
+            yield {"global": g, "local": loc, "boxes": boxes, "frame_idx": views.frame_idx,
+                   "time_s": np.asarray(s["__times__"], dtype=np.float32), "aug": views.aug, "key": s["__key__"],
+                   "labels": s["__labels__"], "clip_id": clip_id(s["__key__"])}
+    return stage
+
+
+class ClipDataset(IterableDataset):
+    """Iterable of transition samples for one rank; splits shards across DataLoader workers itself.
+
+    State (per worker, saved by StatefulDataLoader): {"epoch", "position", "world_size", "num_workers", "cpu_s"}.
+    ``decode_only=True`` stops after decoding (yields {"key", "frames"}): the benchmark's bound.
+    """
+
+    def __init__(self, urls: list[str], sampler: ViewSampler, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, resampled: bool = True, one_pass: bool = False, shuffle: bool = True,
+                 shuffle_buffer: int = 256, allow_pipe: bool = False, apply_aug: bool = True,
+                 decode_only: bool = False):
+        self.urls, self.sampler, self.seed, self.rank, self.world_size = list(urls), sampler, seed, rank, world_size
+        self.resampled, self.one_pass, self.shuffle = resampled and not one_pass, one_pass, shuffle
+        self.shuffle_buffer, self.allow_pipe = shuffle_buffer, allow_pipe
+        self.apply_aug, self.decode_only = apply_aug, decode_only
+        self._epoch, self._position, self._loaded_workers = 0, 0, None
+
+    def state_dict(self) -> dict:
+        """Resume state; "cpu_s" (this process's CPU seconds so far) is diagnostics for the benchmark only."""
+        info = get_worker_info()
+        return {"epoch": self._epoch, "position": self._position, "world_size": self.world_size,
+                "num_workers": info.num_workers if info else 0, "cpu_s": time.process_time()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise ValueError(f"loader state was saved with world_size={state['world_size']}, now {self.world_size}: "
+                             "resume with the same number of ranks (or start the data stream afresh)")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+        self._loaded_workers = state.get("num_workers")
+
+    def _stages(self, epoch: int, worker: int, start: int) -> list[Stage]:
+        """The whole per-worker pipeline of one epoch, in order."""
+        shuffle_rng = np.random.default_rng([self.seed, epoch, self.rank, worker, _SHUFFLE_STREAM])
+        rng_for = lambda pos: np.random.default_rng([self.seed, epoch, self.rank, worker, pos, _VIEW_STREAM])
+
+        def count_and_skip(samples: Iterator[dict]) -> Iterator[dict]:
+            for pos, s in enumerate(samples):
+                if pos < start:                 # resume replay: raw bytes only, nothing decoded
+                    continue
+                self._position = pos + 1        # set before yielding: a state taken now includes this sample
+                s["__pos__"] = pos
+                yield s
+
+        stages = [tar_members(self.allow_pipe), group_samples(),
+                  shuffle(self.shuffle_buffer if self.shuffle else 0, shuffle_rng), count_and_skip,
+                  sample_views(self.sampler, rng_for), decode_frames()]
+        if self.decode_only:
+            return stages + [lambda it: ({"key": s["__key__"], "frames": len(s["__frames__"])} for s in it)]
+        return stages + [render_views(self.sampler, self.apply_aug)]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 0)
+        if self._loaded_workers is not None and self._loaded_workers != num_workers:
+            raise ValueError(f"loader state was saved with {self._loaded_workers} workers, now {num_workers}: "
+                             "resume with the same data.workers")
+        empty_epochs = 0
+        while True:
+            epoch, start = self._epoch, self._position
+            urls = epoch_shards(self.urls, epoch=epoch, seed=self.seed, rank=self.rank,
+                                world_size=self.world_size, worker=worker, num_workers=num_workers,
+                                resampled=self.resampled, shuffle=self.shuffle)
+            stream: Iterator = iter(urls)
+            for stage in self._stages(epoch, worker, start):
+                stream = stage(stream)
+            produced = 0
+            for sample in stream:
+                produced += 1
+                yield sample
+            self._epoch, self._position = epoch + 1, 0
+            if self.one_pass:
+                return
+            empty_epochs = empty_epochs + 1 if produced == 0 and start == 0 else 0
+            if empty_epochs >= 10:   # an endless stream of nothing would hang the training loop silently
+                raise RuntimeError(f"worker {worker} of rank {self.rank} got no usable sample in 10 epochs in a row "
+                                   f"(last shards {urls[:5]}): check the SampleSkipped warnings above")
+
+
+def collate(samples: list[dict]) -> dict:
+    """List of per-clip samples -> the batch dict of docs/INTERFACES.md."""
+    # default_collate stacks tensors straight into shared memory inside a worker: one copy less per batch
+    return {
+        "global": default_collate([s["global"] for s in samples]),                      # (B, n_global, 3, G, G)
+        "local": default_collate([s["local"] for s in samples]),                        # (B, n_local, 3, L, L)
+        "boxes": torch.from_numpy(np.stack([s["boxes"] for s in samples])).float(),     # (B, n, 4)
+        "frame_idx": torch.from_numpy(np.stack([s["frame_idx"] for s in samples])).long(),  # (B, n)
+        "time_s": torch.from_numpy(np.stack([s["time_s"] for s in samples])).float(),   # (B, n)
+        "aug": torch.from_numpy(np.stack([s["aug"] for s in samples])).float(),         # (B, n, AUG_DIM)
+        "key": [s["key"] for s in samples],
+        "labels": [s["labels"] for s in samples],
+        "clip_id": torch.tensor([s["clip_id"] for s in samples], dtype=torch.int64),    # (B,)
+    }
+
+
+def _saved_workers(state: dict) -> int | None:
+    """Worker count a StatefulDataLoader state was saved with (0 = main process), None if unknown."""
+    if "_num_yielded" in state:                                   # single-process layout
+        return 0
+    main = state.get("_snapshot", {}).get("_main_snapshot", {})
+    return main.get("_num_workers")
+
+
+class TransitionLoader(StatefulDataLoader):
+    """StatefulDataLoader that refuses, with a clear message, a state saved with another worker count."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = _saved_workers(state_dict)
+        if saved is not None and saved != self.num_workers:
+            raise ValueError(f"loader state was saved with {saved} workers, this loader has {self.num_workers}: "
+                             f"resume with data.workers={saved} (each worker's stream position is saved apart)")
+        super().load_state_dict(state_dict)
+
+
+def build_dataset(cfg: DataConfig, rank: int = 0, world_size: int = 1, one_pass: bool = False,
+                  decode_only: bool = False) -> ClipDataset:
+    """Expand and check the shard list (errors at start), then the dataset of one rank."""
+    if cfg.seed < 0:
+        raise ValueError(f"data.seed must be >= 0 (it seeds numpy SeedSequences), got {cfg.seed}")
+    urls = expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe)
+    if one_pass or not cfg.resampled:
+        check_split(len(urls), world_size, cfg.workers)
+    return ClipDataset(urls, cfg.view_sampler(), seed=cfg.seed, rank=rank, world_size=world_size,
+                       resampled=cfg.resampled, one_pass=one_pass, shuffle=cfg.shuffle,
+                       shuffle_buffer=cfg.shuffle_buffer, allow_pipe=cfg.allow_pipe,
+                       apply_aug=cfg.aug_in_loader, decode_only=decode_only)
+
+
+def build_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+                 one_pass: bool = False) -> StatefulDataLoader:
+    """StatefulDataLoader of transition batches for one rank; ``one_pass`` for evaluation (each clip once)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    ds = build_dataset(cfg, rank, world_size, one_pass)
+    return TransitionLoader(ds, batch_size=batch_size, num_workers=cfg.workers, collate_fn=collate,
+                              prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None)

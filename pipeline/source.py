@@ -1,0 +1,235 @@
+"""Shard sources: expand shard specs, order them per epoch, split by rank and worker, read raw samples.
+
+The first stages of the loader pipeline (composed in pipeline/loader.py):
+
+    epoch_shards(...)                          -> list of shard URLs for one (epoch, rank, worker)
+    tar_members(allow_pipe)(urls)              -> {"__url__", "name", "data"} per tar member
+    group_samples()(members)                   -> {"__key__", "__url__", "<suffix>": bytes, ...}
+    shuffle(buffer_size, rng)(samples)         -> the same samples, reordered
+
+Nothing here decodes an image: a sample is the raw bytes of its tar members,
+grouped webdataset-style (``<key>.<suffix>``, key = path up to the first dot of
+the file name). That keeps a resume replay (loader.py) cheap: re-reading tar
+bytes costs I/O, not JPEG decoding.
+
+Shard specs (``expand_shards``): a local ``.tar`` path, a folder (its ``*.tar``
+files, sorted; ``.tar.tmp`` leftovers of an interrupted write are ignored), a
+glob, a brace pattern (``/data/shard-{000000..000099}.tar``), an http(s) URL
+(opened through ``webdataset.gopen``, i.e. curl), or several of these joined by
+``::`` or given as a list. ``pipe:`` URLs run a shell command, so they are
+refused unless the caller passes ``allow_pipe=True``.
+
+Splitting: every epoch all ranks compute the same permutation of the shard list
+from ``(seed, epoch)``; rank r, worker w of W takes ``perm[r::world][w::W]``
+(webdataset's split_by_node then split_by_worker). In one-pass mode each shard is
+read by exactly one (rank, worker), so there must be at least ``world x workers``
+shards: ``check_split`` raises at start rather than letting a DDP job hang on a
+rank that got nothing. In resampled mode every worker draws shards with
+replacement from the whole list (an endless stream; no count requirement).
+
+Error policy (one for the whole loader): a sample that cannot be used is skipped
+with a ``SampleSkipped`` warning naming the shard and the key; a shard that
+cannot be opened or whose tar stream breaks is skipped from that point with the
+same warning (the samples already read are kept).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+import braceexpand
+import numpy as np
+
+Stage = Callable[[Iterator[dict]], Iterator[dict]]
+
+URL_SCHEMES = ("http://", "https://")
+SHARD_SUFFIX = ".tar"
+
+
+class SampleSkipped(RuntimeWarning):
+    """A sample (or the rest of a shard) was skipped; the message names the shard, the key and why."""
+
+
+def warn_skip(url: str, key: str | None, reason: str) -> None:
+    where = f"shard {url}" + (f", key {key}" if key else "")
+    warnings.warn(f"skipping {where}: {reason}", SampleSkipped, stacklevel=2)
+
+
+def _check_url(url: str, allow_pipe: bool) -> None:
+    if url.startswith("pipe:") and not allow_pipe:
+        raise ValueError(f"shard '{url}' is a pipe: URL, which runs a shell command; "
+                         "enable it explicitly with allow_pipe=True (data.allow_pipe=true) if you trust the list")
+    if "://" in url and not url.startswith(URL_SCHEMES) and not url.startswith(("pipe:", "file://")):
+        raise ValueError(f"shard '{url}': unsupported URL scheme; use http(s)://, a local path, or "
+                         "'pipe:<command writing the tar to stdout>' with allow_pipe=True (e.g. pipe:aws s3 cp URL -)")
+
+
+def expand_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[str]:
+    """Shard spec(s) -> list of shard URLs/paths, in the given order; raises ValueError naming the bad spec."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    parts = [p for item in items for p in str(item).split("::") if p.strip()]
+    if not parts:
+        raise ValueError("no shards given: set data.shards to a .tar path, a folder, a brace pattern or a URL")
+    urls: list[str] = []
+    for part in parts:
+        part = part.strip()
+        for url in braceexpand.braceexpand(part):
+            _check_url(url, allow_pipe)
+            if url.startswith(URL_SCHEMES) or url.startswith("pipe:"):
+                urls.append(url)
+                continue
+            path = url[len("file://"):] if url.startswith("file://") else url
+            if os.path.isdir(path):
+                found = sorted(str(p) for p in Path(path).glob(f"*{SHARD_SUFFIX}"))
+                if not found:
+                    raise ValueError(f"shard folder {path} holds no *{SHARD_SUFFIX} files "
+                                     "(did preprocessing finish? .tar.tmp files are incomplete shards)")
+                urls.extend(found)
+            elif glob.has_magic(path):
+                found = sorted(p for p in glob.glob(path) if p.endswith(SHARD_SUFFIX))
+                if not found:
+                    raise ValueError(f"shard pattern {path} matches no {SHARD_SUFFIX} files")
+                urls.extend(found)
+            elif os.path.isfile(path):
+                urls.append(path)
+            else:
+                raise ValueError(f"shard {path} (from spec '{part}') does not exist; check the path or pattern")
+    return urls
+
+
+def check_split(num_shards: int, world_size: int, num_workers: int) -> None:
+    """One-pass (and epoch) mode gives each shard to one (rank, worker): every one must get at least one."""
+    need = world_size * max(num_workers, 1)
+    if num_shards < need:
+        raise ValueError(
+            f"{num_shards} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} worker(s) = {need} readers: "
+            "some readers would get no shard (in DDP that hangs the job). Use fewer workers "
+            f"(data.workers <= {max(num_shards // world_size, 0)}), write more, smaller shards, or use resampled mode")
+
+
+def epoch_shards(urls: Sequence[str], *, epoch: int, seed: int, rank: int, world_size: int, worker: int,
+                 num_workers: int, resampled: bool, shuffle: bool) -> list[str]:
+    """The shards one (rank, worker) reads in one epoch; a pure function of its arguments."""
+    readers = world_size * max(num_workers, 1)
+    if resampled:
+        # Each reader draws its share of one pass, with replacement, from the whole list.
+        draws = max(1, -(-len(urls) // readers))
+        rng = np.random.default_rng([seed, epoch, rank, worker, 1])
+        return [urls[i] for i in rng.integers(0, len(urls), size=draws)]
+    order = np.random.default_rng([seed, epoch, 0]).permutation(len(urls)) if shuffle else np.arange(len(urls))
+    mine = order[rank::world_size][worker::max(num_workers, 1)]
+    return [urls[i] for i in mine]
+
+
+def open_shard(url: str, allow_pipe: bool = False) -> IO[bytes]:
+    """A readable byte stream of a shard: local file, or http(s)/pipe: through webdataset.gopen."""
+    _check_url(url, allow_pipe)
+    if url.startswith(URL_SCHEMES) or url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+        return gopen(url, "rb")
+    return open(url[len("file://"):] if url.startswith("file://") else url, "rb")
+
+
+class _Counting:
+    """Read-only wrapper that counts the bytes read (to tell a complete tar from a truncated one)."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.count = raw, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """'dir/<key>.000.jpg' -> ('dir/<key>', '000.jpg'): key = path up to the first dot of the file name."""
+    head, _, base = name.rpartition("/")
+    if "." not in base:
+        return None
+    stem, suffix = base.split(".", 1)
+    return (f"{head}/{stem}" if head else stem), suffix
+
+
+def tar_members(allow_pipe: bool = False) -> Stage:
+    """Stage: shard URLs (as ``{"url": ...}`` dicts or plain strings) -> regular tar members, in order."""
+    def stage(urls: Iterable) -> Iterator[dict]:
+        for item in urls:
+            url = item["url"] if isinstance(item, dict) else str(item)
+            last = None
+            try:
+                with open_shard(url, allow_pipe) as raw, tarfile.open(fileobj=(stream := _Counting(raw)),
+                                                                      mode="r|*") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        f = tar.extractfile(member)
+                        data = f.read() if f is not None else b""
+                        last = member.name
+                        yield {"__url__": url, "name": member.name, "data": data}
+                    # tarfile ends quietly on a header cut short; a whole archive has two zero blocks after it.
+                    stream.drain()
+                    if stream.count < tar.offset + 1024:
+                        raise tarfile.ReadError(f"archive ends at byte {stream.count}, inside a header")
+            except (OSError, tarfile.TarError, EOFError) as e:
+                after = f"after member {last}" if last else "at the start"
+                warn_skip(url, None, f"tar stream broken {after} ({type(e).__name__}: {e}); rest of the shard skipped")
+    return stage
+
+
+def group_samples() -> Stage:
+    """Stage: consecutive tar members sharing a key -> one sample dict of raw bytes per key."""
+    def stage(members: Iterable[dict]) -> Iterator[dict]:
+        current: dict | None = None
+        for m in members:
+            split = _split_name(m["name"])
+            if split is None:
+                warn_skip(m["__url__"], m["name"], "tar member without a '.suffix' ignored")
+                continue
+            key, suffix = split
+            if current is not None and (key != current["__key__"] or m["__url__"] != current["__url__"]):
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": m["__url__"]}
+            if suffix in current:
+                warn_skip(m["__url__"], key, f"duplicate member '{suffix}' (the last one is kept)")
+            current[suffix] = m["data"]
+        if current is not None:
+            yield current
+    return stage
+
+
+def shuffle(buffer_size: int, rng: np.random.Generator) -> Stage:
+    """Stage: reservoir-style shuffle buffer (webdataset's ``shuffle``), deterministic given ``rng``.
+
+    Fills ``buffer_size`` samples, then for each new sample emits a random buffered one and keeps the
+    new one in its place; at the end drains the buffer in random order. ``buffer_size <= 1`` is a no-op.
+    Memory: buffer_size raw clips (16 JPEGs of ~25 kB each: ~0.4 MB a clip) per worker.
+    """
+    def stage(samples: Iterable[dict]) -> Iterator[dict]:
+        if buffer_size <= 1:
+            yield from samples
+            return
+        buf: list[dict] = []
+        for s in samples:
+            if len(buf) < buffer_size:
+                buf.append(s)
+                continue
+            i = int(rng.integers(buffer_size))
+            out, buf[i] = buf[i], s
+            yield out
+        while buf:
+            i = int(rng.integers(len(buf)))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    return stage

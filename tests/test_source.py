@@ -1,0 +1,169 @@
+"""Shard sources: expansion, pipe: policy, split by rank/worker, tar reading, grouping, shuffle, bad tars."""
+from __future__ import annotations
+
+import shutil
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from abvid.pipeline.source import (SampleSkipped, check_split, epoch_shards, expand_shards, group_samples,
+                                   shuffle, tar_members)
+from conftest import write_test_shards
+
+
+def test_expand_file_folder_brace_glob_and_lists(test_shards):
+    folder = test_shards[0].parent
+    names = [str(p) for p in test_shards]
+    (folder / "shard-000009.tar.tmp").write_bytes(b"incomplete")        # an interrupted write: ignored
+    assert expand_shards(str(folder)) == names
+    assert expand_shards(names[1]) == [names[1]]
+    assert expand_shards(str(folder / "shard-{000000..000002}.tar")) == names
+    assert expand_shards(str(folder / "shard-00000[12].tar")) == names[1:]
+    assert expand_shards(f"{names[2]}::{names[0]}") == [names[2], names[0]]
+    assert expand_shards([names[1], str(folder)]) == [names[1]] + names
+
+
+def test_expand_errors_name_the_spec(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        expand_shards(str(tmp_path / "missing-{0..1}.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no \\*.tar files"):
+        expand_shards(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="no shards given"):
+        expand_shards("")
+    with pytest.raises(ValueError, match="unsupported URL scheme.*pipe:"):
+        expand_shards("s3://bucket/shard-0.tar")
+
+
+def test_http_urls_are_kept():
+    urls = expand_shards("https://example.org/data/shard-{000..002}.tar")
+    assert urls == [f"https://example.org/data/shard-{i:03d}.tar" for i in range(3)]
+
+
+def test_pipe_rejected_unless_allowed(test_shards):
+    url = f"pipe:cat {test_shards[0]}"
+    with pytest.raises(ValueError, match="allow_pipe"):
+        expand_shards(url)
+    with pytest.raises(ValueError, match="allow_pipe"):
+        list(tar_members()([url]))
+    assert expand_shards(url, allow_pipe=True) == [url]
+    direct = [m["name"] for m in tar_members()([str(test_shards[0])])]
+    piped = [m["name"] for m in tar_members(allow_pipe=True)([url])]
+    assert piped == direct and len(direct) == 4 * 9                      # 4 clips x (json + 8 frames)
+
+
+def test_check_split_error_names_counts():
+    check_split(4, 2, 2)
+    with pytest.raises(ValueError, match="3 shard.*2 rank.*2 worker.*= 4 readers"):
+        check_split(3, 2, 2)
+
+
+def test_epoch_split_is_disjoint_and_covering_and_reshuffled():
+    urls = [f"s{i}" for i in range(11)]
+    kw = dict(seed=0, world_size=2, num_workers=3, resampled=False, shuffle=True)
+    parts = [epoch_shards(urls, epoch=0, rank=r, worker=w, **kw) for r in range(2) for w in range(3)]
+    flat = [u for p in parts for u in p]
+    assert sorted(flat) == sorted(urls) and all(parts)
+    again = [epoch_shards(urls, epoch=0, rank=r, worker=w, **kw) for r in range(2) for w in range(3)]
+    assert again == parts                                                  # pure function
+    nxt = [epoch_shards(urls, epoch=1, rank=r, worker=w, **kw) for r in range(2) for w in range(3)]
+    assert nxt != parts
+    fixed = epoch_shards(urls, epoch=5, seed=0, rank=0, worker=0, world_size=1, num_workers=0,
+                         resampled=False, shuffle=False)
+    assert fixed == urls
+
+
+def test_resampled_draws_with_replacement_from_all():
+    urls = [f"s{i}" for i in range(4)]
+    draws = [epoch_shards(urls, epoch=e, seed=1, rank=0, worker=0, world_size=1, num_workers=8,
+                          resampled=True, shuffle=True) for e in range(40)]
+    assert all(len(d) == 1 for d in draws)                                 # ceil(4 / 8) per epoch
+    assert {d[0] for d in draws} == set(urls)
+
+
+def test_members_grouped_into_samples(test_shards):
+    samples = list(group_samples()(tar_members()(map(str, test_shards))))
+    assert len(samples) == 12
+    s = samples[0]
+    assert s["__key__"] == "vid000_deadbeef-000000" and s["__url__"] == str(test_shards[0])
+    assert sorted(k for k in s if not k.startswith("__")) == [f"{i:03d}.jpg" for i in range(8)] + ["json"]
+    assert isinstance(s["000.jpg"], bytes) and s["000.jpg"][:2] == b"\xff\xd8"   # raw JPEG, not decoded
+
+
+def test_shuffle_is_a_deterministic_permutation():
+    data = [{"i": i} for i in range(50)]
+    out = [s["i"] for s in shuffle(8, np.random.default_rng(3))(iter(data))]
+    assert sorted(out) == list(range(50)) and out != list(range(50))
+    assert out == [s["i"] for s in shuffle(8, np.random.default_rng(3))(iter(data))]
+    assert [s["i"] for s in shuffle(0, np.random.default_rng(3))(iter(data))] == list(range(50))
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_truncated_tar_warns_with_shard_and_keeps_earlier_samples(tmp_path, where):
+    shards = write_test_shards(tmp_path / "s", videos=2, clips_per_video=2, shard_clips=4)
+    good = tmp_path / "good.tar"
+    shutil.copy(shards[0], good)
+    with tarfile.open(good) as tar:
+        m = tar.getmember("vid001_deadbeef-000000.003.jpg")               # inside the third clip
+    cut = m.offset_data + 10 if where == "data" else m.offset + 100
+    shards[0].write_bytes(good.read_bytes()[:cut])
+    with pytest.warns(SampleSkipped, match=f"shard {shards[0]}.*tar stream broken.*rest of the shard skipped"):
+        samples = list(group_samples()(tar_members()([str(shards[0])])))
+    assert [s["__key__"] for s in samples] == ["vid000_deadbeef-000000", "vid000_deadbeef-000001",
+                                               "vid001_deadbeef-000000"]
+    assert "json" not in samples[2] and "002.jpg" in samples[2]             # partial clip: the loader skips it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(group_samples()(tar_members()([str(good)])))) == 4
+
+
+class _KeysOfWorker(IterableDataset):
+    """Source stages alone inside DataLoader workers: each worker reads its split of the shards."""
+
+    def __init__(self, urls):
+        self.urls = urls
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = epoch_shards(self.urls, epoch=0, seed=0, rank=0, world_size=1, worker=info.id,
+                            num_workers=info.num_workers, resampled=False, shuffle=True)
+        stream = shuffle(3, np.random.default_rng(info.id))(group_samples()(tar_members()(mine)))
+        for s in stream:
+            yield {"key": s["__key__"], "worker": info.id, "n": torch.tensor(len(s))}
+
+
+def test_source_stages_in_two_worker_dataloader(test_shards):
+    dl = DataLoader(_KeysOfWorker([str(p) for p in test_shards]), batch_size=2, num_workers=2)
+    rows = [(k, w) for b in dl for k, w in zip(b["key"], b["worker"].tolist())]
+    keys = [k for k, _ in rows]
+    assert sorted(keys) == sorted(f"vid{v:03d}_deadbeef-{c:06d}" for v in range(4) for c in range(3))
+    assert {w for _, w in rows} == {0, 1}
+
+
+def test_http_shards_read_through_webdataset(test_shards):
+    import functools
+    import http.server
+    import threading
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset opens http(s) URLs with curl, which is not installed")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(test_shards[0].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/shard-{{000000..000002}}.tar"
+        urls = expand_shards(url)
+        keys = [s["__key__"] for s in group_samples()(tar_members()(urls))]
+        missing = f"http://127.0.0.1:{server.server_port}/shard-000009.tar"
+        with pytest.warns(SampleSkipped, match=f"shard {missing}: tar stream broken"):
+            assert list(tar_members()([missing])) == []
+    finally:
+        server.shutdown()
+    assert len(urls) == 3 and sorted(keys) == sorted(f"vid{v:03d}_deadbeef-{c:06d}" for v in range(4) for c in range(3))

@@ -1,0 +1,178 @@
+"""View sampler (frames, boxes, aug params), decoding, rendering and the batched augmentation."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from abvid.pipeline.actions import AUG_DIM, AUG_FIELDS
+from abvid.pipeline.views import ViewSampler, Views, augment, decode_frame, pixel_box, render
+from conftest import frame_pattern
+
+A = {f: i for i, f in enumerate(AUG_FIELDS)}
+
+
+def _rng(i: int = 0) -> np.random.Generator:
+    return np.random.default_rng([7, i])
+
+
+def test_sample_shapes_ranges_and_determinism():
+    vs = ViewSampler()
+    v = vs.sample(_rng(), num_frames=16, width=455, height=256)
+    assert v.boxes.shape == (6, 4) and v.boxes.dtype == np.float32
+    assert v.frame_idx.shape == (6,) and v.frame_idx.dtype == np.int64
+    assert v.aug.shape == (6, AUG_DIM) and v.aug.dtype == np.float32
+    w = vs.sample(_rng(), num_frames=16, width=455, height=256)
+    assert all(np.array_equal(a, b) for a, b in zip((v.boxes, v.frame_idx, v.aug), (w.boxes, w.frame_idx, w.aug)))
+
+
+def test_boxes_follow_scale_and_aspect():
+    vs = ViewSampler(n_global=2, n_local=4)
+    W, H = 455, 256
+    for i in range(200):
+        b = vs.sample_boxes(_rng(i), W, H)
+        y0, x0, h, w = b.T
+        assert np.all(y0 >= 0) and np.all(x0 >= 0) and np.all(y0 + h <= 1 + 1e-6) and np.all(x0 + w <= 1 + 1e-6)
+        area, aspect = h * w, (w * W) / (h * H)
+        assert np.all(aspect >= 3 / 4 - 1e-4) and np.all(aspect <= 4 / 3 + 1e-4)
+        assert np.all(area[:2] >= 0.32 - 1e-6) and np.all(area[2:] <= 0.32 + 1e-6) and np.all(area[2:] >= 0.05 - 1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(p_dt0=1.0, max_dt=8), dict(p_dt0=0.3, max_dt=0)])
+def test_dt_zero_puts_every_view_on_one_frame(kw):
+    vs = ViewSampler(**kw)
+    anchors = set()
+    for i in range(100):
+        f = vs.sample_frames(_rng(i), 16)
+        assert np.all(f == f[0])
+        anchors.add(int(f[0]))
+    assert len(anchors) > 8                      # the anchor itself still moves through the clip
+
+
+def test_forward_and_symmetric_offsets():
+    fwd, sym = ViewSampler(max_dt=3, p_dt0=0.0, dt_mode="forward"), ViewSampler(max_dt=3, p_dt0=0.0)
+    seen_fwd, seen_sym = set(), set()
+    for i in range(300):
+        f = fwd.sample_frames(_rng(i), 10)
+        dt = f - f[0]
+        assert dt[0] == 0 and np.all((dt[1:] >= 1) & (dt[1:] <= 3)) and f.max() <= 9
+        seen_fwd |= set(dt[1:].tolist())
+        g = sym.sample_frames(_rng(i), 10)
+        dt = g - g[0]
+        assert np.all((np.abs(dt[1:]) >= 1) & (np.abs(dt[1:]) <= 3)) and g.min() >= 0 and g.max() <= 9
+        seen_sym |= set(dt[1:].tolist())
+    assert seen_fwd == {1, 2, 3} and seen_sym == {-3, -2, -1, 1, 2, 3}
+    assert np.all(ViewSampler(max_dt=5, p_dt0=0.0).sample_frames(_rng(), 1) == 0)     # one-frame clip
+
+
+def test_aug_params_zero_when_disabled_and_in_range_otherwise():
+    off = ViewSampler(flip_p=0, jitter_p=0, grey_p=0, blur_p=0, solarize_p=0)
+    assert not off.sample_aug(_rng()).any()
+    on = ViewSampler(flip_p=1, jitter_p=1, grey_p=1, blur_p=1, solarize_p=1)
+    a = np.concatenate([on.sample_aug(_rng(i)) for i in range(50)])
+    for name, bound in (("brightness", 0.4), ("contrast", 0.4), ("saturation", 0.2), ("hue", 0.1)):
+        assert np.all(np.abs(a[:, A[name]]) <= bound) and a[:, A[name]].std() > bound / 4
+    assert np.all(a[:, [A["flip"], A["grey"], A["solarize"]]] == 1)
+    assert np.all((a[:, A["blur_sigma"]] >= 0.1) & (a[:, A["blur_sigma"]] <= 2.0))
+
+
+def _jpeg(img: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, quality=90)
+    return buf.getvalue()
+
+
+def test_decode_jpeg_and_webp_and_bad_bytes():
+    img = frame_pattern(3, 80, 48)
+    for fmt, suffix in (("JPEG", "jpg"), ("WEBP", "webp")):
+        x = decode_frame(_jpeg(img, fmt), suffix)
+        assert x.shape == (3, 48, 80) and x.dtype == torch.uint8
+        assert (x.permute(1, 2, 0).float() - torch.from_numpy(img).float()).abs().mean() < 6
+    with pytest.raises(RuntimeError):
+        decode_frame(b"\xff\xd8 not a jpeg at all", "jpg")
+
+
+def _views(boxes, frames, aug=None) -> Views:
+    n = len(boxes)
+    return Views(np.asarray(boxes, np.float32), np.asarray(frames, np.int64),
+                 np.zeros((n, AUG_DIM), np.float32) if aug is None else np.asarray(aug, np.float32))
+
+
+def test_render_crops_the_right_frame_and_flips():
+    frames = {k: torch.from_numpy(frame_pattern(k, 64, 48)).permute(2, 0, 1).contiguous() for k in (0, 5)}
+    aug = np.zeros((3, AUG_DIM), np.float32)
+    aug[1, A["flip"]] = 1
+    v = _views([[0, 0, 1, 1], [0.25, 0.5, 0.5, 0.25], [0.25, 0.5, 0.5, 0.25]], [5, 0, 0], aug)
+    g, loc, snapped = render(frames, v, n_global=1, global_size=32, local_size=16)
+    assert g.shape == (1, 3, 32, 32) and loc.shape == (2, 3, 16, 16) and g.dtype == loc.dtype == torch.uint8
+    full = torch.nn.functional.interpolate(frames[5][None].float(), size=(32, 32), mode="bilinear",
+                                           antialias=True, align_corners=False)[0]
+    assert (g[0].float() - full).abs().max() <= 1
+    assert torch.equal(loc[0], loc[1].flip(-1))
+    np.testing.assert_allclose(snapped[1], [12 / 48, 32 / 64, 24 / 48, 16 / 64])
+    assert pixel_box(np.array([0.99, 0.99, 0.5, 0.5]), 64, 48) == (24, 32, 24, 32)   # kept inside the frame
+
+
+def _aug(**fields) -> torch.Tensor:
+    a = torch.zeros(1, AUG_DIM)
+    for k, v in fields.items():
+        a[0, A[k]] = v
+    return a
+
+
+def test_augment_identity_grey_solarize_brightness():
+    x = torch.from_numpy(frame_pattern(2, 40, 40)).permute(2, 0, 1)[None].contiguous()
+    assert torch.equal(augment(x, _aug()), x)
+    g = augment(x, _aug(grey=1))
+    assert torch.equal(g[0, 0], g[0, 1]) and torch.equal(g[0, 1], g[0, 2])
+    s = augment(x, _aug(solarize=1))
+    assert torch.equal(s, torch.where(x >= 128, 255 - x, x))
+    b = augment(x, _aug(brightness=0.25))
+    assert (b.float() - (x.float() * 1.25).clamp(0, 255)).abs().max() <= 1
+    c = augment(x, _aug(contrast=-1.0))                                  # factor 0: flat mean grey
+    assert c.float().std() < 1.0
+
+
+def test_hue_keeps_greys_and_blur_smooths():
+    grey = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8)
+    assert torch.equal(augment(grey, _aug(hue=0.3, saturation=0.5)), grey)
+    rgb = torch.from_numpy(frame_pattern(1, 32, 32)).permute(2, 0, 1)[None].contiguous()
+    h = augment(rgb, _aug(hue=0.5))
+    assert (h.float() - rgb.float()).abs().mean() > 5
+    noise = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    aug = torch.cat([_aug(blur_sigma=0.5), _aug(blur_sigma=2.0)])
+    out = augment(noise, aug).float()
+    assert out[1].std() < out[0].std() < noise.float().std()
+    assert abs(out.mean() - noise.float().mean()) < 2
+    assert torch.equal(augment(grey, _aug(blur_sigma=1.5)), grey)
+
+
+def test_colour_matrix_maps_white_with_brightness_only():
+    white = torch.full((1, 3, 4, 4), 200, dtype=torch.uint8)
+    out = augment(white, _aug(saturation=0.2, hue=0.05, grey=1))
+    assert torch.equal(out, white)
+    assert math.isclose(float(augment(white, _aug(brightness=-0.5)).float().mean()), 100, abs_tol=1)
+
+
+class _Rendered(IterableDataset):
+    """Sampler + render + augment alone inside DataLoader workers."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        vs = ViewSampler(global_size=32, local_size=16)
+        frames = {k: torch.from_numpy(frame_pattern(k, 64, 48)).permute(2, 0, 1).contiguous() for k in range(8)}
+        for i in range(info.id, 6, info.num_workers):
+            v = vs.sample(_rng(i), 8, 64, 48)
+            g, loc, boxes = render(frames, v, vs.n_global, vs.global_size, vs.local_size)
+            yield {"i": i, "global": g, "local": loc, "frame_idx": torch.from_numpy(v.frame_idx)}
+
+
+def test_view_stages_in_two_worker_dataloader():
+    rows = list(DataLoader(_Rendered(), batch_size=2, num_workers=2))
+    assert sorted(i for b in rows for i in b["i"].tolist()) == list(range(6))
+    assert rows[0]["global"].shape == (2, 2, 3, 32, 32) and rows[0]["local"].shape == (2, 4, 3, 16, 16)
