@@ -1,0 +1,151 @@
+"""Annotation bootstrapping loss on top of any annotation source (METHOD.md section 3).
+
+For every ordered pair of views (i -> j, i != j) of a clip -- the transition
+``(x = view i, a = action i->j, x' = view j)`` -- the value head predicts the
+annotation distribution of x' from x and a:
+
+    Q(l | x, a)  = softmax_l(t_AB * phi_AB(x, a) . psi(l))
+    y(l)         = (1 - gamma) * p_ema(l | x')  +  gamma * norm(max_{a' in A'} Q_ema(l | x', a'))
+    loss         = CE(y, Q(. | x, a)),  y computed under no_grad
+
+``norm`` renormalises the per-annotation max to a distribution, so y is a
+mixture of two distributions (sums to 1 for any gamma). ``A'`` is
+``num_next_actions`` actions sampled from x' to other views of the same clip
+(without replacement; all n-1 of them when ``num_next_actions >= n-1``).
+Identity pairs (i == i) are excluded: their target is the view's own teacher
+distribution, which the base method already covers.
+
+Batching: the encoder has run once per view; the decoder's keys/values are
+computed once per source view and shared by its n-1 outgoing actions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+# IoU buckets of a pair's boxes for the agreement metric (dt != 0 pairs get their own bucket).
+IOU_EDGES = (0.1, 0.4)
+
+
+@dataclass
+class Encoded:
+    """Encoder outputs of all views of a batch, views ordered globals first, then locals."""
+    cls: torch.Tensor                  # (B, n, D)
+    patches: list[torch.Tensor]        # one (B, n_g, N_g, D) per view size group, in view order
+
+    def detach(self) -> "Encoded":
+        return Encoded(self.cls.detach(), [p.detach() for p in self.patches])
+
+
+def off_diagonal_targets(n: int, device: torch.device) -> torch.Tensor:
+    """(n, n-1) int64: row i lists every target view j != i, in order."""
+    idx = torch.arange(n, device=device)
+    return idx.repeat(n, 1)[~torch.eye(n, dtype=torch.bool, device=device)].view(n, n - 1)
+
+
+def bootstrap_target(p_next: torch.Tensor, q_next: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """y = (1-gamma) p_next + gamma * renorm(max over A' of q_next).
+
+    p_next: (..., L) distributions; q_next: (..., M, L) distributions (M next actions) or None when gamma = 0.
+    """
+    if gamma == 0.0 or q_next is None:
+        return p_next
+    q_max = q_next.max(dim=-2).values                               # (..., L): per-annotation max over A'
+    q_max = q_max / q_max.sum(-1, keepdim=True).clamp_min(1e-12)    # back to a distribution
+    return (1.0 - gamma) * p_next + gamma * q_max
+
+
+def run_value(value: nn.Module, enc: Encoded, actions: torch.Tensor) -> torch.Tensor:
+    """phi for M actions out of every view: actions (B, n, M, A) -> (B, n, M, d), one decoder call per size."""
+    B, _, M, _ = actions.shape
+    outs, start = [], 0
+    for patches in enc.patches:                                     # (B, n_g, N_g, D)
+        ng = patches.shape[1]
+        acts = actions[:, start:start + ng].reshape(B * ng, M, -1)
+        outs.append(value(patches.reshape(B * ng, *patches.shape[2:]), acts).view(B, ng, M, -1))
+        start += ng
+    return torch.cat(outs, dim=1)
+
+
+def scored(z: torch.Tensor, psi: torch.Tensor, scale: torch.Tensor | float,
+           exclude: torch.Tensor | None) -> torch.Tensor:
+    """Logits scale * z . psi (..., L), -inf where ``exclude`` (broadcastable to (..., L)) is True."""
+    logits = scale * (z.float() @ psi.float().t())
+    return logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
+
+
+def pair_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair of boxes: (B, n, 4) as (y0, x0, h, w) -> (B, n, n)."""
+    y0, x0, h, w = boxes.float().unbind(-1)
+    y1, x1 = y0 + h, x0 + w
+    ih = (torch.minimum(y1[:, :, None], y1[:, None]) - torch.maximum(y0[:, :, None], y0[:, None])).clamp_min(0)
+    iw = (torch.minimum(x1[:, :, None], x1[:, None]) - torch.maximum(x0[:, :, None], x0[:, None])).clamp_min(0)
+    inter = ih * iw
+    area = h * w
+    return inter / (area[:, :, None] + area[:, None] - inter).clamp_min(1e-12)
+
+
+def agreement_metrics(q_logits: torch.Tensor, p_next: torch.Tensor, iou: torch.Tensor,
+                      dt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top-1 agreement of Q with the teacher on x', by pair IoU bucket (NaN for an empty bucket).
+
+    q_logits, p_next: (B, n, n-1, L); iou, dt: (B, n, n-1). Values stay tensors (no device sync here).
+    """
+    agree = (q_logits.argmax(-1) == p_next.argmax(-1)).float()
+    still = dt == 0
+    buckets = {"q_agree_dt": ~still,
+               f"q_agree_iou_lt{IOU_EDGES[0]}": still & (iou < IOU_EDGES[0]),
+               f"q_agree_iou_{IOU_EDGES[0]}-{IOU_EDGES[1]}": still & (iou >= IOU_EDGES[0]) & (iou <= IOU_EDGES[1]),
+               f"q_agree_iou_gt{IOU_EDGES[1]}": still & (iou > IOU_EDGES[1])}
+    out = {"q_agree": agree.mean()}
+    for name, mask in buckets.items():
+        out[name] = (agree * mask).sum() / mask.sum()            # 0 / 0 = NaN: dropped by the objective
+    return out
+
+
+def bootstrap_loss(*, value_s: nn.Module, value_t: nn.Module, enc_s: Encoded, enc_t: Encoded, psi_s: torch.Tensor, psi_t: torch.Tensor,
+                   exclude: torch.Tensor | None, p_t: torch.Tensor, actions: torch.Tensor, boxes: torch.Tensor,
+                   gamma: float, num_next_actions: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Soft-target CE of Q(. | view i, a_ij) against y(view j) over all ordered pairs i != j.
+
+    psi_s / psi_t: (L, d) student / target annotations; exclude: (B, n, L) bool, annotations that are not
+    candidates for target view j (SimCLR: the view itself) or None; p_t: (B, n, L) p_ema(l | view j);
+    actions: (B, n, n, A) from pipeline.actions.pairwise_actions; boxes: (B, n, 4).
+    """
+    B, n = actions.shape[:2]
+    tgt = off_diagonal_targets(n, actions.device)                   # (n, n-1)
+    src = torch.arange(n, device=actions.device)[:, None]
+    pair_actions = actions[:, src, tgt]                             # (B, n, n-1, A)
+    ex_pair = None if exclude is None else exclude[:, tgt]          # (B, n, n-1, L)
+
+    phi = run_value(value_s, enc_s, pair_actions)                   # (B, n, n-1, d) unit vectors
+    logits = scored(phi, psi_s, value_s.scale(), ex_pair)           # (B, n, n-1, L)
+
+    with torch.no_grad():
+        q_next = None
+        if gamma > 0.0:
+            # A': M sampled actions out of each view j, to other views k != j of the same clip.
+            M = min(num_next_actions, n - 1)
+            order = torch.rand(B, n, n, device=actions.device).masked_fill(
+                torch.eye(n, dtype=torch.bool, device=actions.device), 2.0).argsort(-1)[..., :M]  # (B, n, M)
+            next_actions = actions.gather(2, order[..., None].expand(-1, -1, -1, actions.shape[-1]))
+            phi_next = run_value(value_t, enc_t, next_actions)     # (B, n, M, d)
+            ex_next = None if exclude is None else exclude[:, :, None]
+            q_next = scored(phi_next, psi_t, value_t.scale(), ex_next).softmax(-1)           # (B, n, M, L)
+        y = bootstrap_target(p_t, q_next, gamma)[:, tgt]            # (B, n, n-1, L): target of view j
+
+    logp = logits.log_softmax(-1)
+    if ex_pair is not None:                                         # -inf * 0 would be NaN
+        logp = logp.masked_fill(ex_pair, 0.0)
+    loss = -(y * logp).sum(-1).mean()
+
+    with torch.no_grad():
+        iou = pair_iou(boxes)[:, src, tgt]
+        dt = actions[:, src, tgt, 4]                                # ACTION_FIELDS[4] == "dt"
+        metrics = agreement_metrics(logits, p_t[:, tgt], iou, dt)
+        metrics["q_temp"] = 1.0 / value_s.scale()
+        if gamma > 0.0:
+            metrics["bootstrap_target_entropy"] = -(y * y.clamp_min(1e-12).log()).sum(-1).mean()
+    return loss, metrics
