@@ -6,8 +6,8 @@
 
 ``encoder_kwargs(cfg)`` is what checkpoints store under ``"encoder_kwargs"``
 (INTERFACES.md), so ``build_encoder(**ckpt["encoder_kwargs"])`` rebuilds the
-same network. ``load_encoder(path)`` (model/io.py) reads an exported encoder or
-a training checkpoint.
+same network. ``load_encoder(path, which="ema")`` (model/io.py) reads an exported
+encoder or a training checkpoint (its EMA or student encoder).
 """
 from __future__ import annotations
 
@@ -53,10 +53,13 @@ def encoder_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def load_encoder(path, map_location="cpu"):
-    """Read an exported encoder (.safetensors with kwargs in its metadata) or a training checkpoint."""
+def load_encoder(path, map_location="cpu", which: Literal["ema", "student"] = "ema"):
+    """Read an exported encoder (.safetensors with kwargs in its metadata) or a training checkpoint.
+
+    ``which`` picks a checkpoint's EMA (teacher, default) or student encoder; see model/io.py.
+    """
     from .io import load_encoder as _f
-    return _f(path, map_location)
+    return _f(path, map_location, which)
 
 
 __all__ = ["ModelConfig", "VisionTransformer", "build_encoder", "encoder_kwargs", "load_encoder", "num_params",

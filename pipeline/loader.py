@@ -62,6 +62,7 @@ class DataConfig:
     shuffle_buffer: int = 256                # clips held per worker (~0.4 MB each for 16 JPEG frames)
     workers: int = 4
     prefetch_factor: int = 2
+    pin_memory: bool | None = None           # page-locked batches (fast host->GPU copy); None = if CUDA is available
     seed: int = 0
     aug_in_loader: bool = True               # False: record aug params, leave colour/blur/solarize to the
                                              # caller (views.augment works on GPU tensors); flip stays here
@@ -296,9 +297,13 @@ def build_dataset(cfg: DataConfig, rank: int = 0, world_size: int = 1, one_pass:
 
 def build_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                  one_pass: bool = False) -> StatefulDataLoader:
-    """StatefulDataLoader of transition batches for one rank; ``one_pass`` for evaluation (each clip once)."""
+    """StatefulDataLoader of transition batches for one rank; ``one_pass`` for evaluation (each clip once).
+
+    ``cfg.pin_memory=None`` pins batches when CUDA is available; no other device logic lives in data code.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     ds = build_dataset(cfg, rank, world_size, one_pass)
+    pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
     return TransitionLoader(ds, batch_size=batch_size, num_workers=cfg.workers, collate_fn=collate,
-                              prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None)
+                            prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None, pin_memory=pin)

@@ -5,7 +5,8 @@
 Flow: expand inputs (``inputs.py``) -> skip videos the manifest already has ``ok`` ->
 decode each video in an isolated worker process (``isolation.IsolatedPool``) that writes its
 encoded clips to a spool file -> the parent copies spools, in input order, into
-atomic shards (``shardwriter.py``) and records one manifest row per input.
+atomic shards (``shardwriter.py``) and records one manifest row per input (row fields,
+file names per prefix and run stats: ``manifest.py``).
 
 Isolation: a worker that segfaults (exit by signal) or exceeds ``timeout_s`` on one
 video is killed and replaced; that video is ``failed`` with the reason and the run
@@ -30,7 +31,6 @@ main module (one importing torch: ~3 s) slows every worker start; the CLI's is l
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib
 import io
 import json
@@ -39,13 +39,15 @@ import re
 import shutil
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from abvid.pipeline import shardwriter
 from abvid.pipeline.annotations import load_annotations, overlapping
 from abvid.pipeline.inputs import VIDEO_EXTENSIONS, expand_inputs, slice_inputs
 from abvid.pipeline.isolation import IsolatedPool
+from abvid.pipeline.manifest import (ROW_FIELDS, Stats, in_input_order, manifest_row, run_files, run_stats,
+                                     video_id, write_json)
 from abvid.pipeline.shardwriter import SpoolWriter
 
 FORMATS = ("jpg", "webp")
@@ -119,19 +121,6 @@ class PreprocessConfig:
         """The settings that change the bytes written (a resume must use the same)."""
         return {k: getattr(self, k) for k in ("fps", "size", "clip_len", "format", "quality", "backend")} | {
             "clip_stride": self.stride, "annotations": self.annotations}
-
-
-def video_id(path: str) -> str:
-    """``<sanitized stem>_<8 hex of sha1(abs path)>``; no dots, so webdataset keys stay whole."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem).strip("_")[:64] or "video"
-    return f"{stem}_{hashlib.sha1(os.path.abspath(path).encode('utf-8')).hexdigest()[:8]}"
-
-
-def run_files(prefix: str) -> tuple[str, str, str]:
-    """(manifest, stats, settings) file names: the documented ones for the default prefix, else
-    prefixed, so slices running at once into one folder never share a file."""
-    names = ("manifest.jsonl", "stats.json", "preprocess.json")
-    return names if prefix == "shard" else tuple(f"{prefix}-{n}" for n in names)  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------ worker side
@@ -225,33 +214,6 @@ def _peak_rss_mb() -> float:
     return 0.0
 
 
-@dataclass
-class Stats:
-    inputs: int = 0
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    resumed: int = 0              # ok rows of earlier runs, not decoded again
-    frames: int = 0               # resampled frames written or dropped as tail (this run)
-    clips: int = 0
-    tail_frames: int = 0          # frames after the last full clip, dropped
-    source_frames: int = 0        # frames the decoder decoded (throughput basis)
-    decode_errors: int = 0
-    shards: list[str] = field(default_factory=list)
-    bytes: int = 0
-    seconds: float = 0.0
-    failures_by_reason: dict[str, int] = field(default_factory=dict)
-    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # parent / largest worker (VmHWM)
-    manifest: str = ""
-
-    def to_json(self) -> dict:
-        s = max(self.seconds, 1e-9)
-        return asdict(self) | {"throughput": {"source_frames_per_s": round(self.source_frames / s, 2),
-                                              "frames_per_s": round(self.frames / s, 2),
-                                              "clips_per_s": round(self.clips / s, 3),
-                                              "mb_per_s": round(self.bytes / s / 1e6, 3)}}
-
-
 # ------------------------------------------------------------------ parent side
 
 def run_preprocess(inputs: list[str], out_dir: str | Path, cfg: PreprocessConfig, progress: bool = True) -> Stats:
@@ -280,7 +242,7 @@ def run_preprocess(inputs: list[str], out_dir: str | Path, cfg: PreprocessConfig
         manifest = shardwriter.Manifest(out / manifest_name)
         rows, next_index = shardwriter.recover(out, prefix, manifest)
         rows = {p: r for p, r in rows.items() if r.get("status") != "skipped"}  # skips are redone below
-        manifest.rewrite(_ordered(items, rows, []))  # compact: one row per path, torn lines gone
+        manifest.rewrite(in_input_order(items, rows, []))  # compact: one row per path, torn lines gone
         spool_dir = out / f".spool-{prefix}"
         shutil.rmtree(spool_dir, ignore_errors=True)
         spool_dir.mkdir()
@@ -289,12 +251,12 @@ def run_preprocess(inputs: list[str], out_dir: str | Path, cfg: PreprocessConfig
         for it in items:
             prev = rows.get(it.path)
             if it.skip_reason:
-                skipped.append(_row(it.path, status="skipped", error=it.skip_reason))
+                skipped.append(manifest_row(it.path, status="skipped", error=it.skip_reason))
             elif prev and (prev["status"] == "ok" or (prev["status"] == "failed" and not cfg.retry_failed)):
                 resumed += prev["status"] == "ok"
             elif not os.path.exists(it.path):
-                rows[it.path] = _row(it.path, status="failed", reason="not found",
-                                     error=f"{it.path}: no such file (from {it.origin}); check the path")
+                rows[it.path] = manifest_row(it.path, status="failed", reason="not found",
+                                             error=f"{it.path}: no such file (from {it.origin}); check the path")
                 manifest.append([rows[it.path]])
             else:
                 todo.append(it)
@@ -308,14 +270,15 @@ def run_preprocess(inputs: list[str], out_dir: str | Path, cfg: PreprocessConfig
         source_frames = _decode_all(tasks, cfg, n_workers, threads, writer, manifest, rows, progress)
         writer.close()
         shutil.rmtree(spool_dir, ignore_errors=True)
-        final = _ordered(items, rows, skipped)
+        final = in_input_order(items, rows, skipped)
         manifest.rewrite(final)
-        stats = _stats(items, final, resumed, len(todo), source_frames, writer, time.perf_counter() - t_start)
+        stats = run_stats(items, final, resumed, source_frames, writer.completed, writer.bytes_written,
+                          time.perf_counter() - t_start)
         stats.manifest = str(manifest.path)
         stats.peak_rss_mb = {"parent": _peak_rss_mb(),
                              "worker": max((r.get("peak_rss_mb", 0.0) for r in final), default=0.0)}
-        _write_json(out / stats_name, stats.to_json() | {"settings": cfg.output_settings(),
-                                                          "config": asdict(cfg), "workers": n_workers})
+        write_json(out / stats_name, stats.to_json() | {"settings": cfg.output_settings(),
+                                                         "config": asdict(cfg), "workers": n_workers})
         return stats
     finally:
         lock.close()
@@ -351,7 +314,7 @@ def _decode_all(tasks: list[dict], cfg: PreprocessConfig, n_workers: int, thread
             while state["next"] in done:
                 res = done.pop(state["next"])
                 state["next"] += 1
-                row = _row(res["path"], **{k: v for k, v in res.items() if k in _ROW_FIELDS})
+                row = manifest_row(res["path"], **{k: v for k, v in res.items() if k in ROW_FIELDS})
                 if row["status"] == "ok" and row["clips"] > 0:
                     row = {**row, "shards": [writer.append(res["spool"], row["clips"], row)]}
                 else:
@@ -360,51 +323,6 @@ def _decode_all(tasks: list[dict], cfg: PreprocessConfig, n_workers: int, thread
                 if os.path.exists(res["spool"]):
                     os.unlink(res["spool"])
     return state["source_frames"]
-
-
-_ROW_FIELDS = ("video_id", "status", "reason", "error", "frames", "clips", "tail_frames", "decode_errors",
-               "source_frames", "seconds", "peak_rss_mb", "backend")
-
-
-def _row(path: str, **fields) -> dict:
-    """A manifest row with every documented field present."""
-    row = {"path": path, "video_id": video_id(path), "status": "failed", "error": "", "frames": 0, "clips": 0,
-           "shards": [], "decode_errors": 0, "seconds": 0.0}
-    row.update(fields)
-    return row
-
-
-def _ordered(items, rows: dict[str, dict], skipped: list[dict]) -> list[dict]:
-    """Manifest rows in input order (skipped rows in place), then rows of earlier runs' other inputs."""
-    out, seen, skips = [], set(), iter(skipped)
-    for it in items:
-        if it.skip_reason:
-            out.extend([next(skips)] if skipped else [])
-        elif it.path in rows and it.path not in seen:
-            out.append(rows[it.path])
-            seen.add(it.path)
-    return out + [r for p, r in rows.items() if p not in seen]
-
-
-def _stats(items, final: list[dict], resumed: int, decoded: int, source_frames: int, writer, seconds: float) -> Stats:
-    mine = {it.path for it in items}
-    rows = [r for r in final if r["path"] in mine]
-    st = Stats(inputs=len(items), resumed=resumed, source_frames=source_frames, shards=writer.completed,
-               bytes=writer.bytes_written, seconds=round(seconds, 3))
-    for r in rows:
-        if r["status"] == "ok":
-            st.ok += 1
-            st.frames += r["frames"]
-            st.clips += r["clips"]
-            st.tail_frames += r.get("tail_frames", 0)
-            st.decode_errors += r["decode_errors"]
-        elif r["status"] == "failed":
-            st.failed += 1
-            reason = r.get("reason") or "error"
-            st.failures_by_reason[reason] = st.failures_by_reason.get(reason, 0) + 1
-        else:
-            st.skipped += 1
-    return st
 
 
 def _lock(path: Path):
@@ -430,10 +348,4 @@ def _check_settings(path: Path, cfg: PreprocessConfig) -> None:
             what = ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise UsageError(f"{path.parent} holds shards written with other settings ({what}); use the same "
                              f"options to resume, or a new --out / --prefix (settings in {path})")
-    _write_json(path, settings)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, settings)

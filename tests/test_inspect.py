@@ -33,6 +33,24 @@ def test_inspect_prints_stats_and_writes_a_png(tmp_path, capsys):
         assert im.size[1] > two[1]                           # one more clip block
 
 
+def test_inspect_counts_every_manifest_of_sliced_and_prefixed_runs(tmp_path, capsys):
+    """preprocess --slice / --prefix write <prefix>-manifest.jsonl: inspect sums all of them."""
+    from abvid.pipeline.manifest import run_files
+    shards = tmp_path / "shards"
+    write_test_shards(shards, videos=2, clips_per_video=1, clip_len=4)
+    names = [run_files(p)[0] for p in ("shard-0-of-2", "shard-1-of-2", "extra")]
+    assert names == ["shard-0-of-2-manifest.jsonl", "shard-1-of-2-manifest.jsonl", "extra-manifest.jsonl"]
+    (shards / names[0]).write_text('{"status": "ok"}\n{"status": "ok"}\n')
+    (shards / names[1]).write_text('{"status": "ok"}\n{"status": "failed"}\n\n')
+    (shards / names[2]).write_text('{"status": "skipped"}\n{"status": "ok", "pa')    # torn last line
+    (shards / "notes.jsonl").write_text('{"status": "failed"}\n')                      # not a manifest
+    with pytest.warns(UserWarning, match="extra-manifest.jsonl:2"):
+        assert main(["inspect", str(shards)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("manifest"))
+    assert sorted(line.split("  ", 1)[1].strip().split(", ")) == ["failed 1", "ok 3", "skipped 1"]
+    assert cmd_inspect.read_manifest([str(tmp_path / "elsewhere")]) is None
+
+
 def test_pick_clips_prefers_distinct_videos():
     clips = [("u", f"k{v}-{c}", f"v{v}") for v in range(3) for c in range(4)]
     picked = cmd_inspect.pick_clips(clips, 3, seed=1)

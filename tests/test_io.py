@@ -58,6 +58,19 @@ def test_checkpoint_reads_ema_by_default_and_student_on_request(tmp_path):
     assert isinstance(model_load(tmp_path / "ckpt.pt"), torch.nn.Module)
 
 
+def test_model_load_encoder_forwards_which(tmp_path):
+    """abvid.model.load_encoder passes ``which`` (and map_location) through to model/io.py."""
+    import abvid.model
+    student, ema = write_checkpoint(tmp_path / "ckpt.pt")
+    x = frames()
+    with torch.no_grad():
+        got = abvid.model.load_encoder(tmp_path / "ckpt.pt", which="student")
+        assert torch.equal(got.embed(x), student.embed(x))
+        assert torch.equal(abvid.model.load_encoder(tmp_path / "ckpt.pt", "cpu", "ema").embed(x), ema.embed(x))
+    write_checkpoint(tmp_path / "student_only.pt", teacher=False)
+    assert isinstance(abvid.model.load_encoder(tmp_path / "student_only.pt", which="student"), torch.nn.Module)
+
+
 def test_export_cli_reproduces_checkpoint_embeddings(tmp_path, capsys):
     from abvid.tools.cli import main
     _, ema = write_checkpoint(tmp_path / "ckpt.pt")

@@ -42,6 +42,12 @@ def test_config_fields_match_view_sampler_and_merge():
         dataclasses.replace(cfg, local_scale=(0.3,)).view_sampler()
 
 
+def test_pin_memory_defaults_to_cuda_availability(test_shards):
+    assert DataConfig().pin_memory is None and merge(DataConfig(), {"pin_memory": False}).pin_memory is False
+    for pin, expected in ((None, torch.cuda.is_available()), (True, True), (False, False)):
+        assert build_loader(_cfg(test_shards[0].parent, workers=0, pin_memory=pin), batch_size=2).pin_memory is expected
+
+
 def test_batch_follows_the_contract(test_shards):
     cfg = _cfg(test_shards[0].parent, workers=0)
     b = next(iter(build_loader(cfg, batch_size=4)))

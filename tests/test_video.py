@@ -197,7 +197,7 @@ def test_skip_planner_keeps_every_chosen_frame(seed):
     rng = np.random.default_rng(seed)
     pts = np.cumsum(rng.integers(1, 60, size=200))            # presentation order, ms
     order = np.argsort(np.arange(200) + rng.uniform(0, 4, 200))   # decode order, displaced < 4
-    planner = V._SkipPlanner(4.0, Fraction(1, 1000), enabled=True)
+    planner = V.SkipPlanner(4.0, Fraction(1, 1000), enabled=True)
     out = [x for i in order for x in planner.push(_Pkt(int(pts[i])))] + list(planner.push(None))
     assert [p.pts for p, _ in out] == [int(pts[i]) for i in order]   # decode order kept
     needed = {p.pts for p, n in out if n}
@@ -208,10 +208,10 @@ def test_skip_planner_keeps_every_chosen_frame(seed):
 
 
 def test_skip_planner_turns_off_without_pts():
-    planner = V._SkipPlanner(4.0, Fraction(1, 1000), enabled=True)
+    planner = V.SkipPlanner(4.0, Fraction(1, 1000), enabled=True)
     out = [x for t in (0, 40, None, 120) for x in planner.push(_Pkt(t))] + list(planner.push(None))
     assert not planner.enabled and all(n for _, n in out) and len(out) == 4
-    late = V._SkipPlanner(4.0, Fraction(1, 1000), enabled=True)    # a pts 30 packets late
+    late = V.SkipPlanner(4.0, Fraction(1, 1000), enabled=True)    # a pts 30 packets late
     stamps = list(range(0, 4000, 40))
     stamps.insert(30, 20)
     out = [x for t in stamps for x in late.push(_Pkt(t))] + list(late.push(None))

@@ -5,12 +5,13 @@
 SHARDS: .tar files, folders of them, globs or brace patterns. Prints a table:
 shards, clips, videos, frames, frame sizes, corpus and source fps, durations
 per video, annotation coverage (share of frames inside a labelled segment) and
-the most frequent labels; plus the preprocessing manifest's status counts when
-the folder has one. With --out, writes a PNG contact sheet: for --clips clips
-(seeded pick, different videos first) the frames in time order with the views
-of pipeline.views.ViewSampler drawn as boxes, and the views rendered as the
-model gets them. The sampler has the default data.* settings, or those of a
-pre-training config given with --config / --set.
+the most frequent labels; plus the status counts of the preprocessing manifests
+in the given folders (every ``*manifest.jsonl``: ``manifest.jsonl`` and one
+``<prefix>-manifest.jsonl`` per --prefix / --slice run). With --out, writes a PNG
+contact sheet: for --clips clips (seeded pick, different videos first) the frames
+in time order with the views of pipeline.views.ViewSampler drawn as boxes, and
+the views rendered as the model gets them. The sampler has the default data.*
+settings, or those of a pre-training config given with --config / --set.
 """
 from __future__ import annotations
 
@@ -152,16 +153,31 @@ def format_stats(st: ShardStats, manifest: Counter | None) -> str:
 
 
 def read_manifest(specs: list[str]) -> Counter | None:
-    """Status counts of manifest.jsonl in the first given folder that has one."""
-    for spec in specs:
-        path = Path(spec) / "manifest.jsonl"
-        if path.is_file():
-            counts: Counter = Counter()
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    counts[json.loads(line).get("status", "?")] += 1
-            return counts
-    return None
+    """Status counts over every ``*manifest.jsonl`` in the given folders: ``manifest.jsonl`` and the
+    ``<prefix>-manifest.jsonl`` of ``abvid preprocess --prefix / --slice`` runs; None when there is none.
+
+    A line that is not a JSON object (torn by a run still writing) is skipped with a warning naming
+    file:line.
+    """
+    paths = sorted({p.resolve() for spec in specs if Path(spec).is_dir()
+                    for p in Path(spec).glob("*manifest.jsonl") if p.is_file()})
+    if not paths:
+        return None
+    counts: Counter = Counter()
+    for path in paths:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                warnings.warn(f"{path}:{n}: skipping a manifest row that is not a JSON object "
+                              "(torn by a run still writing?)")
+                continue
+            counts[row.get("status", "?")] += 1
+    return counts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,115 @@
+"""The record a preprocess run keeps in its output folder: file names, manifest rows, stats.
+
+One manifest row per input video, keyed by its path and naming it by :func:`video_id`
+(the key stem of its clips). ``pipeline/preprocess.py`` fills the rows, keeps them in input
+order (:func:`in_input_order`) and sums them into :class:`Stats`; the manifest file itself
+(append, rewrite, crash recovery) is ``shardwriter.Manifest``.
+
+File names (:func:`run_files`): ``manifest.jsonl``, ``stats.json`` and ``preprocess.json``
+(the output settings a resume must match) for the default prefix ``shard``; with
+``--prefix P`` or ``--slice i/n`` (prefix ``shard-i-of-n``) they are ``P-manifest.jsonl``,
+``P-stats.json`` and ``P-preprocess.json``, so slices running at once into one folder
+never share a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# fields a worker result may set in its row (others come from the parent)
+ROW_FIELDS = ("video_id", "status", "reason", "error", "frames", "clips", "tail_frames", "decode_errors",
+              "source_frames", "seconds", "peak_rss_mb", "backend")
+
+
+def video_id(path: str) -> str:
+    """``<sanitized stem>_<8 hex of sha1(abs path)>``; no dots, so webdataset keys stay whole."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem).strip("_")[:64] or "video"
+    return f"{stem}_{hashlib.sha1(os.path.abspath(path).encode('utf-8')).hexdigest()[:8]}"
+
+
+def run_files(prefix: str) -> tuple[str, str, str]:
+    """(manifest, stats, settings) file names: the documented ones for the default prefix, else
+    prefixed, so slices running at once into one folder never share a file."""
+    names = ("manifest.jsonl", "stats.json", "preprocess.json")
+    return names if prefix == "shard" else tuple(f"{prefix}-{n}" for n in names)  # type: ignore[return-value]
+
+
+def manifest_row(path: str, **fields) -> dict:
+    """A manifest row with every documented field present."""
+    row = {"path": path, "video_id": video_id(path), "status": "failed", "error": "", "frames": 0, "clips": 0,
+           "shards": [], "decode_errors": 0, "seconds": 0.0}
+    row.update(fields)
+    return row
+
+
+def in_input_order(items, rows: dict[str, dict], skipped: list[dict]) -> list[dict]:
+    """Manifest rows in input order (skipped rows in place), then rows of earlier runs' other inputs."""
+    out, seen, skips = [], set(), iter(skipped)
+    for it in items:
+        if it.skip_reason:
+            out.extend([next(skips)] if skipped else [])
+        elif it.path in rows and it.path not in seen:
+            out.append(rows[it.path])
+            seen.add(it.path)
+    return out + [r for p, r in rows.items() if p not in seen]
+
+
+@dataclass
+class Stats:
+    inputs: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    resumed: int = 0              # ok rows of earlier runs, not decoded again
+    frames: int = 0               # resampled frames written or dropped as tail (this run)
+    clips: int = 0
+    tail_frames: int = 0          # frames after the last full clip, dropped
+    source_frames: int = 0        # frames the decoder decoded (throughput basis)
+    decode_errors: int = 0
+    shards: list[str] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # parent / largest worker (VmHWM)
+    manifest: str = ""
+
+    def to_json(self) -> dict:
+        s = max(self.seconds, 1e-9)
+        return asdict(self) | {"throughput": {"source_frames_per_s": round(self.source_frames / s, 2),
+                                              "frames_per_s": round(self.frames / s, 2),
+                                              "clips_per_s": round(self.clips / s, 3),
+                                              "mb_per_s": round(self.bytes / s / 1e6, 3)}}
+
+
+def run_stats(items, final: list[dict], resumed: int, source_frames: int, shards: list[str], bytes_written: int,
+              seconds: float) -> Stats:
+    """Sum the rows of this run's inputs (``items``) among ``final`` (rows of other inputs are left out)."""
+    mine = {it.path for it in items}
+    rows = [r for r in final if r["path"] in mine]
+    st = Stats(inputs=len(items), resumed=resumed, source_frames=source_frames, shards=shards,
+               bytes=bytes_written, seconds=round(seconds, 3))
+    for r in rows:
+        if r["status"] == "ok":
+            st.ok += 1
+            st.frames += r["frames"]
+            st.clips += r["clips"]
+            st.tail_frames += r.get("tail_frames", 0)
+            st.decode_errors += r["decode_errors"]
+        elif r["status"] == "failed":
+            st.failed += 1
+            reason = r.get("reason") or "error"
+            st.failures_by_reason[reason] = st.failures_by_reason.get(reason, 0) + 1
+        else:
+            st.skipped += 1
+    return st
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as indented JSON atomically (temp file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
