@@ -187,4 +187,26 @@ if [[ " $missing " == *" torchdata "* || " $missing " == *" webdataset "* || " $
 else
   run_bench shards
 fi
+# The loader and embedding benchmarks of the same host (16 cores feed the GPU here, not 2).
+if [[ " $missing " == *" av "* || " $missing " == *" torchdata "* || " $missing " == *" webdataset "* ]]; then
+  echo "== bench loader / bench embed skipped (missing: $missing)" | tee -a "$OUT"
+else
+  W=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
+  echo "== bench loader (--workers $W; 2x224 + 4x96 views per clip)" | tee -a "$OUT"
+  "$PY" - "$TMP/lshards" <<'PY' >/dev/null
+import sys; sys.path.insert(0, "tests")
+from conftest import write_test_shards
+write_test_shards(sys.argv[1], videos=64, clips_per_video=4, clip_len=16, width=455, height=256, shard_clips=8)
+PY
+  timeout "$LIMIT" "$PY" -m abvid.tools.cli bench loader "$TMP/lshards" --workers "$W" --batch-size 64 \
+      --batches 20 --rounds 2 2>&1 | tail -n 6 | tee -a "$OUT"
+  for aug in false; do
+    timeout "$LIMIT" "$PY" -m abvid.tools.cli bench loader "$TMP/lshards" --workers "$W" --batch-size 64 \
+        --batches 20 --rounds 2 --set aug_in_loader=$aug 2>&1 | tail -n 2 | tee -a "$OUT"
+  done
+  echo "== bench embed (cuda, vit_small, 720p H.264, 4 fps, 224 px)" | tee -a "$OUT"
+  "$PY" -m abvid.tools.cli toy-corpus "$TMP/toy720" --videos 1 --seconds 20 --size 1280x720 --fps 25 --seed 1 >/dev/null
+  timeout "$LIMIT" "$PY" -m abvid.tools.cli bench embed "$TMP/toy720/toy_0000.mp4" --arch vit_small --device cuda \
+      --copies 4 --batch-size 64 --repeat 2 2>&1 | tail -n 8 | tee -a "$OUT"
+fi
 echo "results in $OUT"

@@ -10,6 +10,12 @@ Why it looks the way it does:
     stripes); every object instance gets a random colour, size, spin and path, so colour
     alone predicts nothing and a random-init encoder (which mostly sees colour) probes
     badly, while one pre-trained on object crops should separate the shapes.
+  * Each object's hue drifts over time (a quarter to half a turn per second). With a fixed
+    colour per instance, instance discrimination (SimCLR) learned object colour -- the
+    cheapest cue that tells clips apart -- and its features probed no better than random
+    init on shape classes (demo probe 0.32-0.35 vs 0.30 mAP). With drifting colour, views
+    of one clip taken dt frames apart agree on shape but not on colour: the temporal
+    offset in the action is what teaches the invariance, as in real video.
   * One to three moving objects per video, of distinct classes, so crops of one frame
     differ in content. Object 0 is on screen for the whole video (every frame has a label);
     the others appear for a random segment of at least 1.5 s (or the whole video if shorter).
@@ -48,9 +54,9 @@ def _shape_mask(cls: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown class {cls!r}; known: {CLASSES}")
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    """A saturated, bright RGB colour with uniformly random hue, shape (3,) float in [0, 255]."""
-    h, s, v = rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0)
+def _hsv_colour(h: float, s: float, v: float) -> np.ndarray:
+    """RGB of hue ``h`` (turns), saturation and value in [0, 1]; shape (3,) float in [0, 255]."""
+    h = h % 1.0
     i, f = int(h * 6) % 6, h * 6 - int(h * 6)
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
     rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
@@ -73,7 +79,12 @@ def _plan_objects(rng: np.random.Generator, n_frames: int, fps: float, w: int, h
         radius = rng.uniform(0.14, 0.25) * min(w, h)
         speed = rng.uniform(0.15, 0.5) * min(w, h)                  # pixels per second
         heading = rng.uniform(0, 2 * np.pi)
-        objs.append(dict(cls=CLASSES[int(c)], colour=_random_colour(rng), radius=radius,
+        # Saturated, bright colour whose hue drifts (0.25-0.5 turns/s either way): colour changes over
+        # time while shape persists, so neither colour nor a single frame identifies an instance.
+        hue, sat, val = rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0)
+        hue_rate = rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.5) / fps   # turns per frame
+        objs.append(dict(cls=CLASSES[int(c)], hue=hue, sat=sat, val=val, hue_rate=hue_rate,
+                         colour=_hsv_colour(hue, sat, val), radius=radius,
                          pos=np.array([rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)]),
                          vel=speed * np.array([np.cos(heading), np.sin(heading)]) / fps,
                          angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-1.5, 1.5) / fps,
@@ -121,6 +132,8 @@ def _step(o: dict, w: int, h: int) -> None:
             o["vel"][axis] = -o["vel"][axis]
             o["pos"][axis] = np.clip(o["pos"][axis], o["radius"], size - o["radius"])
     o["angle"] += o["spin"]
+    o["hue"] += o["hue_rate"]
+    o["colour"] = _hsv_colour(o["hue"], o["sat"], o["val"])
 
 
 def _write_video(path: Path, seed: int, index: int, seconds: float, w: int, h: int,

@@ -51,6 +51,7 @@ class ObjectiveConfig:
     # SimCLR / CLIP
     proj_dim: int = 128
     proj_hidden_dim: int = 2048
+    proj_norm: Literal["none", "ln", "bn"] = "ln"  # SimCLR's projector norm (the SimCLR paper uses bn)
     simclr_temp: float = 0.1
     clip_init_temp: float = 0.07
     text_embed_dim: int = 256
@@ -79,7 +80,7 @@ def build_objective(obj_cfg: ObjectiveConfig, model_cfg: ModelConfig,
         q_temp, ann_dim = c.student_temp, c.head_bottleneck_dim
     elif c.name == "simclr":
         family = SimCLRFamily(c.simclr_temp)
-        head = ProjectionHead(dim, c.proj_dim, c.proj_hidden_dim)
+        head = ProjectionHead(dim, c.proj_dim, c.proj_hidden_dim, c.proj_norm)
         q_temp, ann_dim = c.simclr_temp, c.proj_dim
     elif c.name == "clip":
         from abvid.model.text import build_vocab
