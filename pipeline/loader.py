@@ -46,15 +46,16 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from abvid.pipeline.source import (Stage, check_split, epoch_shards, expand_shards, group_samples, shuffle,
                                    tar_members, warn_skip)
-from abvid.pipeline.views import FRAME_SUFFIXES, Views, ViewSampler, decode_frame, render
+from abvid.pipeline.views import FRAME_SUFFIXES, ViewConfig, Views, ViewSampler, decode_frame, render
 
 # Sub-streams of the (seed, epoch, rank, worker, ...) seeding (source.py uses 0 and 1).
 _SHUFFLE_STREAM, _VIEW_STREAM = 2, 3
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Every data setting of pre-training; view fields are passed to views.ViewSampler by name."""
+class DataConfig(ViewConfig):
+    """Every data setting of pre-training: the stream settings below plus the view settings of
+    ``views.ViewConfig`` (n_global, global_size, ..., max_dt, p_dt0, augmentation strengths)."""
     shards: str | tuple[str, ...] = ""      # path, folder, glob, brace pattern, URL, or several ('::' or a list)
     allow_pipe: bool = False                 # accept pipe: URLs (they run shell commands)
     resampled: bool = True                   # training stream: shards drawn with replacement
@@ -66,29 +67,9 @@ class DataConfig:
     seed: int = 0
     aug_in_loader: bool = True               # False: record aug params, leave colour/blur/solarize to the
                                              # caller (views.augment works on GPU tensors); flip stays here
-    n_global: int = 2
-    global_size: int = 224
-    n_local: int = 4
-    local_size: int = 96
-    global_scale: tuple[float, ...] = (0.32, 1.0)
-    local_scale: tuple[float, ...] = (0.05, 0.32)
-    aspect: tuple[float, ...] = (3 / 4, 4 / 3)
-    max_dt: int = 8
-    p_dt0: float = 0.5
-    dt_mode: Literal["forward", "symmetric"] = "symmetric"
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grey_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, ...] = (0.1, 2.0)
-    solarize_p: float = 0.2
 
     def view_sampler(self) -> ViewSampler:
-        return ViewSampler(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ViewSampler)})
+        return ViewSampler(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ViewConfig)})
 
 
 def clip_id(key: str) -> int:

@@ -75,8 +75,12 @@ class Views:
 
 
 @dataclass(frozen=True)
-class ViewSampler:
-    """Draws view parameters; field names match DataConfig (loader.py builds it from there)."""
+class ViewConfig:
+    """View settings: counts, sizes, boxes, time offsets, augmentation strengths.
+
+    Shared by ``ViewSampler`` (which draws views from them) and ``loader.DataConfig``
+    (which exposes them as ``data.*`` config keys), so the two cannot drift apart.
+    """
     n_global: int = 2
     global_size: int = 224
     n_local: int = 4
@@ -113,6 +117,11 @@ class ViewSampler:
                 raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high, got {lo_hi}")
         if not 0.0 <= self.p_dt0 <= 1.0 or self.max_dt < 0:
             raise ValueError(f"need 0 <= p_dt0 <= 1 and max_dt >= 0, got {self.p_dt0}, {self.max_dt}")
+
+
+@dataclass(frozen=True)
+class ViewSampler(ViewConfig):
+    """Draws view parameters from its ``ViewConfig`` settings."""
 
     def sample_frames(self, rng: np.random.Generator, num_frames: int) -> np.ndarray:
         """(n,) int64 frame index per view; view 0 on the anchor."""

@@ -67,6 +67,26 @@ def test_fixed_length_tuple():
         merge(Outer(), {"train": {"scale": [0.1]}})
 
 
+@dataclass(frozen=True)
+class Checked:
+    lo: float = 0.0
+    hi: float = 1.0
+
+    def __post_init__(self):
+        if self.lo > self.hi:
+            raise ValueError(f"need lo <= hi, got {self.lo} > {self.hi}")
+
+
+@dataclass(frozen=True)
+class WithChecked:
+    range: Checked = field(default_factory=Checked)
+
+
+def test_post_init_validation_becomes_config_error():
+    with pytest.raises(ConfigError, match=r"range: need lo <= hi"):
+        merge(WithChecked(), parse_overrides(["range.lo=2"]))
+
+
 def test_roundtrip_save(tmp_path):
     cfg = merge(Outer(), {"train": {"steps": 5}})
     save_config(cfg, tmp_path / "r.yaml")

@@ -114,8 +114,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         kwargs[name] = _coerce(value, hints[name], prefix + name)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field without a default
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+    except (TypeError, ValueError) as e:  # a required field without a default, or __post_init__ validation
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
 
 
 def merge(cfg: T, data: dict, prefix: str = "") -> T:
@@ -131,7 +131,10 @@ def merge(cfg: T, data: dict, prefix: str = "") -> T:
             changes[name] = merge(current, value, prefix + name + ".")
         else:
             changes[name] = _coerce(value, hints[name], prefix + name)
-    return dataclasses.replace(cfg, **changes)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ValueError as e:  # a dataclass's own __post_init__ validation
+        raise ConfigError(f"{prefix.rstrip('.') or type(cfg).__name__}: {e}") from None
 
 
 def parse_overrides(items: list[str]) -> dict:
