@@ -15,11 +15,12 @@ those overlapping the half-open span ``[t0, t1)``. A malformed row raises
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from .inputs import jsonl_objects
 
 
 class AnnotationError(ValueError):
@@ -111,19 +112,7 @@ def _read_csv(path: Path, text: str) -> list[tuple[int, dict]]:
 
 
 def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AnnotationError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise AnnotationError(f"{path}:{n}: each line must be a JSON object with video, start_s, end_s, "
-                                  f"label|text")
-        out.append((n, row))
-    return out
+    return jsonl_objects(path, text, AnnotationError, "a JSON object with video, start_s, end_s, label|text")
 
 
 def _parse_row(path: Path, line: int, row: dict) -> tuple[str, Annotation]:

@@ -92,6 +92,23 @@ def _walk(folder: Path) -> list[str]:
     return found
 
 
+def jsonl_objects(path: Path, text: str, error: type[Exception], shape: str) -> list[tuple[int, dict]]:
+    """Non-blank lines of a JSONL text as ``(line number, object)``; a bad line raises ``error``
+    naming ``path:line`` and the expected ``shape`` of a line."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{n}: not valid JSON ({e.msg}); each line must be {shape}") from e
+        if not isinstance(row, dict):
+            raise error(f"{path}:{n}: each line must be {shape}")
+        out.append((n, row))
+    return out
+
+
 def read_list_file(path: str | Path) -> list[InputItem]:
     """Entries of a ``.txt`` / ``.csv`` / ``.jsonl`` list file, relative to its folder."""
     path = Path(path)
@@ -118,15 +135,8 @@ def read_list_file(path: str | Path) -> list[InputItem]:
                 raise InputError(f"{path}:{n}: empty 'path' value; remove the row or fill it in")
             entries.append((n, value))
     elif suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be an object "
-                                 f'like {{"path": "video.mp4"}}') from e
-            if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"].strip():
+        for n, row in jsonl_objects(path, text, InputError, 'an object like {"path": "video.mp4"}'):
+            if not isinstance(row.get("path"), str) or not row["path"].strip():
                 raise InputError(f'{path}:{n}: each line must be an object with a string "path" key')
             entries.append((n, row["path"].strip()))
     else:
