@@ -262,7 +262,7 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
     writer = MetricsWriter(run_dir, ctx.is_main, tc.steps, step)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": tc.steps, "start_step": step, "status": "completed",
                                "world_size": ctx.world_size, "backend": ctx.backend, "device": str(device)}
-    last_ckpt, bad_in_row, total_bad, loss_v = None, 0, 0, float("nan")
+    last_ckpt, bad_in_row, total_bad, loss_v = None, 0, 0, None
     last_row: dict[str, Any] = {}
     try:
         with _StopFlag() as stop:
