@@ -39,6 +39,7 @@ import re
 import shutil
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,22 +149,24 @@ def process_video(task: dict, cfg: PreprocessConfig, threads: int) -> dict:
     try:
         if cfg.decode_hook:
             _resolve_hook(cfg.decode_hook)(path)
+        # JPEG/WebP encoding runs on a helper thread (PIL releases the GIL), overlapping the decoder;
+        # the window holds futures and a clip waits for its own frames only.
         with open_video(path, fps=cfg.fps, short_side=cfg.size, backend=cfg.backend, threads=threads) as dec, \
-                SpoolWriter(spool) as out:
+                SpoolWriter(spool) as out, ThreadPoolExecutor(max_workers=1) as encoder:
             info = dec.info
-            window: deque = deque()          # (index, pts_s, bytes) of frames of the next clip(s)
-            last_img, last_bytes = None, b""
+            window: deque = deque()          # (index, pts_s, Future[bytes]) of frames of the next clip(s)
+            last_img, last_bytes = None, None
             clip, frames = 0, 0
             for fr in dec:
                 frames += 1
                 if fr.index < clip * cfg.stride:     # in a gap between clips (stride > clip_len)
                     continue
                 if fr.image is not last_img:         # a repeated slot shares the image: encode once
-                    last_img, last_bytes = fr.image, encode_image(fr.image, cfg.format, cfg.quality)
+                    last_img, last_bytes = fr.image, encoder.submit(encode_image, fr.image, cfg.format, cfg.quality)
                 window.append((fr.index, fr.pts_s, last_bytes))
                 if fr.index == clip * cfg.stride + cfg.clip_len - 1:
-                    _write_clip(out, vid, clip, list(window)[-cfg.clip_len:], info, fr.image.shape,
-                                annotations, path, cfg)
+                    frames_of_clip = [(i, pts, b.result()) for i, pts, b in list(window)[-cfg.clip_len:]]
+                    _write_clip(out, vid, clip, frames_of_clip, info, fr.image.shape, annotations, path, cfg)
                     clip += 1
                     while window and window[0][0] < clip * cfg.stride:
                         window.popleft()

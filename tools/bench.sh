@@ -18,6 +18,6 @@ fi
   echo "== preprocess";  abvid bench preprocess "$CLIP" --fps 4 --size 256
   echo "== loader";      abvid bench loader "$W/shards" --workers "${WORKERS:-2}"
   echo "== train";       abvid bench train --arch vit_tiny
-  echo "== embed";       abvid bench embed "$CLIP" --arch vit_tiny
+  echo "== embed";       abvid bench embed "$CLIP" --arch vit_tiny --copies 2 --batch-size 32
 } 2>&1 | tee "$W/bench.log"
 echo "JSON lines:"; grep '^{' "$W/bench.log"
