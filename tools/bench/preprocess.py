@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=4.0, help="target frame rate")
     p.add_argument("--size", type=int, default=256, help="short side in pixels")
     p.add_argument("--threads", type=int, default=0, help="decoder threads for both runs (0 = FFmpeg's choice)")
+    p.add_argument("--clip-len", type=int, default=16, help="frames per clip (preprocess's default)")
     p.add_argument("--format", choices=("jpg", "webp"), default="jpg", help="frame image format")
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of pipeline and bound; best kept")
@@ -54,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
 
     path = os.path.abspath(args.file)
     info = probe(path)
-    cfg = PreprocessConfig(fps=args.fps, size=args.size, clip_len=1, format=args.format, quality=args.quality,
+    cfg = PreprocessConfig(fps=args.fps, size=args.size, clip_len=args.clip_len, format=args.format, quality=args.quality,
                            backend=args.backend)
     print(f"{path}: {info.width}x{info.height} {info.codec} {info.fps} fps, {info.num_frames} frames; "
           f"fps {args.fps} size {args.size} {args.format} q{args.quality} threads {args.threads}")
@@ -74,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     if n != frames:   # the decoder may skip non-reference frames no slot needs; the file has n frames
         print(f"note: decode-only decoded {n} frames, the preprocess decoder {frames}")
     report("preprocess", n / best_pipe, "source frames/s", n / best_bound, file=os.path.basename(path),
-           fps=args.fps, size=args.size, threads=args.threads, format=args.format,
+           fps=args.fps, size=args.size, clip_len=args.clip_len, threads=args.threads, format=args.format,
            frames_written=row.get("frames", 0), cpu_ratio=round(cpu_bound / cpu_pipe, 3), load=_loadavg())
     return 0
 
