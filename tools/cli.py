@@ -1,14 +1,20 @@
-"""The ``abvid`` command: a thin dispatcher over one module per subcommand.
+"""abvid: pre-train visual encoders on unlabeled video with annotation bootstrapping.
 
-Each subcommand module defines ``add_arguments(parser)`` and ``main(args) -> int``
-and is imported only when its command runs, so ``abvid --help`` stays fast.
+The three jobs:
+  1. abvid preprocess VIDEOS... --out SHARDS        videos -> WebDataset shards of frames
+  2. abvid pretrain CONFIG.yaml --out RUN           train an encoder on frame transitions
+  3. abvid embed --checkpoint CKPT VIDEOS... --out EMB, then abvid probe --embeddings EMB --labels L.csv
+Also: toy-corpus (synthetic videos to try it on), export, inspect, bench.
+`abvid COMMAND --help` explains each command's options.
 
-Exit codes (all subcommands):
+Exit codes (all commands):
     0  success
     1  the job ran but some inputs failed (listed in the manifest / report)
     2  usage or configuration error (bad flag, unknown config key, missing file)
     3  the job itself failed (e.g. training diverged, no usable input at all)
 """
+# Implementation: a thin dispatcher. Each command module defines ``add_arguments(parser)`` and
+# ``main(args) -> int`` and is imported only when its command runs, so ``abvid --help`` stays fast.
 from __future__ import annotations
 
 import argparse
