@@ -160,8 +160,12 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{head}/{stem}" if head else stem), suffix
 
 
-def tar_members(allow_pipe: bool = False) -> Stage:
-    """Stage: shard URLs (as ``{"url": ...}`` dicts or plain strings) -> regular tar members, in order."""
+def tar_members(allow_pipe: bool = False, strict: bool = False) -> Stage:
+    """Stage: shard URLs (as ``{"url": ...}`` dicts or plain strings) -> regular tar members, in order.
+
+    A broken or truncated tar stream warns and skips the rest of that shard (training keeps going);
+    ``strict=True`` raises ``tarfile.ReadError`` instead (embedding reports the shard as failed).
+    """
     def stage(urls: Iterable) -> Iterator[dict]:
         for item in urls:
             url = item["url"] if isinstance(item, dict) else str(item)
@@ -179,9 +183,11 @@ def tar_members(allow_pipe: bool = False) -> Stage:
                     # tarfile ends quietly on a header cut short; a whole archive has two zero blocks after it.
                     stream.drain()
                     if stream.count < tar.offset + 1024:
-                        raise tarfile.ReadError(f"archive ends at byte {stream.count}, inside a header")
+                        raise tarfile.ReadError(f"archive ends inside a header at byte {stream.count}")
             except (OSError, tarfile.TarError, EOFError) as e:
                 after = f"after member {last}" if last else "at the start"
+                if strict:
+                    raise tarfile.ReadError(f"{url}: tar stream broken {after} ({type(e).__name__}: {e})") from e
                 warn_skip(url, None, f"tar stream broken {after} ({type(e).__name__}: {e}); rest of the shard skipped")
     return stage
 

@@ -146,28 +146,15 @@ def video_frames(path: str, fps: float | None, size: int, backend: str = "auto",
 
 
 def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) per sample of a WebDataset tar, members grouped by key as webdataset does.
+    """(key, {suffix: bytes}) per sample of a WebDataset tar, read by the training loader's own stages.
 
-    Strict, unlike pipeline/source.tar_members (which warns and keeps going, right for
-    training): a truncated archive raises, so the shard is reported failed, not half embedded.
+    Strict (``tar_members(strict=True)``): a truncated archive raises, so the shard is reported
+    failed, not half embedded.
     """
-    key, files = None, {}
-    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            k, _, suffix = os.path.basename(m.name).partition(".")
-            if k != key and key is not None:
-                yield key, files
-                files = {}
-            key = k
-            f = tf.extractfile(m)
-            files[suffix] = f.read() if f is not None else b""
-        # tarfile stops quietly at a header cut short; a whole archive ends with two zero blocks.
-        if os.fstat(raw.fileno()).st_size < tf.offset + 1024:
-            raise tarfile.ReadError(f"archive ends inside a header at byte {os.fstat(raw.fileno()).st_size}")
-    if key is not None:
-        yield key, files
+    from abvid.pipeline.source import group_samples, tar_members
+
+    for sample in group_samples()(tar_members(strict=True)([path])):
+        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
 def shard_frames(path: str, size: int) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
