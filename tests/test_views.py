@@ -176,3 +176,62 @@ def test_view_stages_in_two_worker_dataloader():
     rows = list(DataLoader(_Rendered(), batch_size=2, num_workers=2))
     assert sorted(i for b in rows for i in b["i"].tolist()) == list(range(6))
     assert rows[0]["global"].shape == (2, 2, 3, 32, 32) and rows[0]["local"].shape == (2, 4, 3, 16, 16)
+
+
+def _reference_augment(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
+    """Plain float64 statement of the augmentation: colour matrix + contrast offset, one clamp, reflect-padded
+    separable Gaussian (radius ceil(3 sigma)), round half up, solarize."""
+    from abvid.pipeline.views import colour_matrix
+    out = []
+    for v, a in zip(x.double(), aug.double()):
+        b, c = 1 + a[A["brightness"]], 1 + a[A["contrast"]]
+        mean_grey = (v.flatten(1).mean(1) @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)) * b
+        f = (colour_matrix(a[None])[0].double() @ v.flatten(1)).view_as(v) + (1 - c) * mean_grey
+        f = f.clamp(0, 255)
+        sigma = float(a[A["blur_sigma"]])
+        if sigma > 0:
+            r = max(1, min(math.ceil(3 * sigma), min(f.shape[-2:]) - 1))
+            k = torch.tensor([math.exp(-0.5 * (i / sigma) ** 2) for i in range(-r, r + 1)], dtype=torch.float64)
+            k = k / k.sum()
+            p = torch.nn.functional.pad(f[:, None], (r, r, r, r), mode="reflect")
+            p = torch.nn.functional.conv2d(p, k.view(1, 1, 1, -1))
+            f = torch.nn.functional.conv2d(p, k.view(1, 1, -1, 1))[:, 0]
+        u = torch.floor(f + 0.5).clamp(0, 255).to(torch.uint8)
+        out.append(torch.where(u >= 128, 255 - u, u) if a[A["solarize"]] > 0 else u)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("size", [96, 40])
+def test_augment_matches_a_plain_float64_reference(size):
+    vs = ViewSampler(flip_p=0, jitter_p=0.8, grey_p=0.3, blur_p=0.6, solarize_p=0.3, n_local=6)
+    aug = torch.from_numpy(np.concatenate([vs.sample_aug(_rng(i)) for i in range(4)]))          # 32 views
+    x = torch.from_numpy(np.stack([frame_pattern(i, size, size) for i in range(len(aug))])).permute(0, 3, 1, 2)
+    x = x.contiguous()
+    before = x.clone()
+    out = augment(x, aug)
+    assert torch.equal(x, before)                                        # the input is left untouched
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert (out.int() - _reference_augment(x, aug).int()).abs().max() <= 1
+    # per view alone == in the stack (views without colour change get the identity inside a stack)
+    alone = torch.cat([augment(x[i:i + 1], aug[i:i + 1]) for i in range(len(aug))])
+    assert (alone.int() - out.int()).abs().max() <= 1
+    sol_only = torch.zeros_like(aug)
+    sol_only[:, A["solarize"]] = 1
+    assert torch.equal(augment(x, sol_only), torch.where(x >= 128, 255 - x, x)) and torch.equal(x, before)
+
+
+def test_render_resize_matches_torchvision_resized_crop():
+    import torchvision.transforms.v2.functional as TF
+    frames = {k: torch.from_numpy(frame_pattern(k, 455, 256)).permute(2, 0, 1).contiguous() for k in range(4)}
+    vs = ViewSampler(flip_p=0.5)
+    for i in range(10):
+        v = vs.sample(_rng(i), 4, 455, 256)
+        g, loc, _ = render(frames, v, vs.n_global, vs.global_size, vs.local_size, apply_aug=False)
+        for j, (box, t) in enumerate(zip(v.boxes, v.frame_idx)):
+            size = vs.global_size if j < vs.n_global else vs.local_size
+            ref = TF.resized_crop(frames[int(t)], *pixel_box(box, 455, 256), [size, size], antialias=True)
+            ref = ref.flip(-1) if v.aug[j, A["flip"]] > 0 else ref
+            assert torch.equal(g[j] if j < vs.n_global else loc[j - vs.n_global], ref)
+    same = _views([[0, 0, 1, 1]], [0])                                   # crop already at the output size
+    g, _, _ = render({0: frames[0][:, :32, :32].contiguous()}, same, 1, 32, 16)
+    assert torch.equal(g[0], frames[0][:, :32, :32])
