@@ -297,25 +297,28 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(params, tc.clip_grad if tc.clip_grad > 0 else math.inf)
-                # One collective per step: did any rank see a non-finite value / a stop signal?
+                # One collective per step: did any rank see a non-finite value / a stop signal? The
+                # reduced flags, this rank's loss and grad norm then reach the host in one transfer.
                 flags = torch.stack([~torch.isfinite(loss.detach().float()) | ~torch.isfinite(gnorm),
                                      torch.tensor(stop.signum is not None, device=device)]).float()
-                bad, stop_any = (bool(x) for x in dist.all_reduce_max(ctx, flags).tolist())
-                loss_v = float(loss.detach())
+                flags = dist.all_reduce_max(ctx, flags)
+                bad_f, stop_f, loss_v, gnorm_v = torch.cat(
+                    [flags, torch.stack([loss.detach().float(), gnorm.detach().float()])]).tolist()
+                bad, stop_any = bool(bad_f), bool(stop_f)
                 if bad:
                     bad_in_row += 1
                     total_bad += 1
                     log.warning("step %d: non-finite loss %.4g or grad norm %.4g; step skipped (%d in a row, "
-                                "stop at %d)", step, loss_v, float(gnorm), bad_in_row, tc.max_bad_steps)
+                                "stop at %d)", step, loss_v, gnorm_v, bad_in_row, tc.max_bad_steps)
                     writer.write({"step": step + 1, "event": "skipped_nonfinite", "loss": loss_v,
-                                  "grad_norm": float(gnorm)})
+                                  "grad_norm": gnorm_v})
                     optimizer.zero_grad(set_to_none=True)
                 else:
                     bad_in_row = 0
                     optimizer.step()
                     objective.update_teacher(momentum)
                     meter.add({"loss": loss_v, **{k: v for k, v in metrics.items() if k != "loss"},
-                               "grad_norm": float(gnorm)}, views, data_s)
+                               "grad_norm": gnorm_v}, views, data_s)
                 step += 1
                 if bad_in_row >= tc.max_bad_steps:
                     log.error("%d non-finite steps in a row at step %d: stopping (lower train.lr, raise "
