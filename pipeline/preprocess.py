@@ -31,6 +31,7 @@ main module (one importing torch: ~3 s) slows every worker start; the CLI's is l
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib
 import io
 import json
@@ -39,7 +40,6 @@ import re
 import shutil
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,23 +149,21 @@ def process_video(task: dict, cfg: PreprocessConfig, threads: int) -> dict:
     try:
         if cfg.decode_hook:
             _resolve_hook(cfg.decode_hook)(path)
-        # JPEG/WebP encoding runs on a helper thread (PIL releases the GIL), overlapping the decoder;
-        # the window holds futures and a clip waits for its own frames only.
-        with open_video(path, fps=cfg.fps, short_side=cfg.size, backend=cfg.backend, threads=threads) as dec, \
-                SpoolWriter(spool) as out, ThreadPoolExecutor(max_workers=1) as encoder:
+        # JPEG/WebP encoding runs on the decoder's helper thread, right after each frame's conversion
+        # (PIL releases the GIL), overlapping the decoder; a repeated slot shares its bytes.
+        encode = functools.partial(encode_image, fmt=cfg.format, quality=cfg.quality)
+        with open_video(path, fps=cfg.fps, short_side=cfg.size, backend=cfg.backend, threads=threads,
+                        encode=encode) as dec, SpoolWriter(spool) as out:
             info = dec.info
-            window: deque = deque()          # (index, pts_s, Future[bytes]) of frames of the next clip(s)
-            last_img, last_bytes = None, None
+            window: deque = deque()          # (index, pts_s, bytes) of frames of the next clip(s)
             clip, frames = 0, 0
             for fr in dec:
                 frames += 1
                 if fr.index < clip * cfg.stride:     # in a gap between clips (stride > clip_len)
                     continue
-                if fr.image is not last_img:         # a repeated slot shares the image: encode once
-                    last_img, last_bytes = fr.image, encoder.submit(encode_image, fr.image, cfg.format, cfg.quality)
-                window.append((fr.index, fr.pts_s, last_bytes))
+                window.append((fr.index, fr.pts_s, fr.data))
                 if fr.index == clip * cfg.stride + cfg.clip_len - 1:
-                    frames_of_clip = [(i, pts, b.result()) for i, pts, b in list(window)[-cfg.clip_len:]]
+                    frames_of_clip = list(window)[-cfg.clip_len:]
                     _write_clip(out, vid, clip, frames_of_clip, info, fr.image.shape, annotations, path, cfg)
                     clip += 1
                     while window and window[0][0] < clip * cfg.stride:

@@ -50,7 +50,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -91,6 +91,7 @@ class Frame:
     pts_s: float                # source pts of the frame chosen for this slot, seconds
     image: np.ndarray           # (H, W, 3) uint8 RGB, upright, short side == short_side;
                                 # repeated slots share one array: copy before writing into it
+    data: Any = None            # encode(image) when open_video got ``encode`` (shared by repeated slots)
 
 
 def _check_path(path: str) -> None:
@@ -169,11 +170,12 @@ def decode_only(path: str | os.PathLike, threads: int = 0) -> int:
 class _PyAVDecoder:
     backend = "pyav"
 
-    def __init__(self, path: str, fps: float | None, short_side: int | None, threads: int):
+    def __init__(self, path: str, fps: float | None, short_side: int | None, threads: int,
+                 encode: Callable[[np.ndarray], Any] | None = None):
         import av
         from av.video.reformatter import Interpolation, VideoReformatter
 
-        self.path, self.closed = path, False
+        self.path, self.closed, self._encode = path, False, encode
         self.frames_decoded = self.frames_read = self.frames_dropped = 0
         self._errors: list[str] = []
         self._resampler = Resampler(fps)
@@ -261,36 +263,48 @@ class _PyAVDecoder:
     def _convert(self, f) -> np.ndarray:
         """Scale + convert one frame to (h, w, 3) RGB, upright.
 
-        Planar YUV is scaled in its own pixel format first, then converted at the small size:
-        swscale's one-pass scale-to-rgb24 took 3.7 ms per 720p yuv420p frame here against
-        1.1 ms for the two steps (same mean colour; chroma edges differ by a few levels).
+        Planar YUV is scaled into 8-bit 4:2:0 first (``yuvj420p`` for full-range sources), then
+        converted at the small size: swscale's one-pass scale-to-rgb24 took 3.7 ms per 720p yuv420p
+        frame here against 1.1 ms for the two steps (same mean colour; chroma edges differ by a few
+        levels). Other YUV layouts (4:4:4, 4:2:2, 10-bit) go to 4:2:0 in the scaling step because
+        swscale's yuv420p -> rgb24 path is SIMD (0.04 ms at 455x256) and its 4:4:4 one is not
+        (0.35 ms): cockatoo.mp4 (720p yuv444p) 0.85 vs 1.16 ms per frame. The chroma lost is the
+        chroma the JPEG/WebP encoders drop anyway (both store 4:2:0 by default).
         """
         w, h, th = *self._size, self._sws_threads
-        if f.format.name.startswith("yuv"):
-            f = self._scaler.reformat(f, width=w, height=h, interpolation=self._interp, threads=th)
+        name = f.format.name
+        if name.startswith("yuv"):
+            fmt = "yuvj420p" if name.startswith("yuvj") else "yuv420p"
+            f = self._scaler.reformat(f, width=w, height=h, format=fmt, interpolation=self._interp, threads=th)
             img = self._to_rgb.reformat(f, format="rgb24", threads=th).to_ndarray()
         else:   # palette / RGB / grey sources: one pass
             img = self._to_rgb.reformat(f, width=w, height=h, format="rgb24", interpolation=self._interp,
                                         threads=th).to_ndarray()
         return np.ascontiguousarray(np.rot90(img, self._rot_k)) if self._rot_k else img
 
+    def _convert_encode(self, f) -> tuple[np.ndarray, Any]:
+        img = self._convert(f)
+        return img, (self._encode(img) if self._encode is not None else None)
+
     def __iter__(self) -> Iterator[Frame]:
-        # Conversion (swscale releases the GIL) runs on a helper thread, CONVERT_AHEAD frames behind
-        # the decoder: serial, it took 23% of the wall time of cockatoo.mp4 at 4 fps / 256 px.
-        pending: deque = deque()                 # (index, pts, Future[image]) in output order
+        # Conversion (swscale releases the GIL) and the caller's ``encode`` (PIL releases it too) run
+        # on one helper thread, CONVERT_AHEAD frames behind the decoder: serial, conversion took 23%
+        # of the wall time of cockatoo.mp4 at 4 fps / 256 px; encoding on a second helper thread
+        # instead of this one cost 3% more wall time (one more hand-off per frame, more switching).
+        pending: deque = deque()                 # (index, pts, Future[(image, data)]) in output order
         last, fut = None, None
         with ThreadPoolExecutor(max_workers=1) as pool:
             for t, f in self._ordered():
                 for k, tk, chosen in self._resampler.push(t, f):
                     if chosen is not last:   # a repeated slot (source slower than fps) shares the image
-                        last, fut = chosen, pool.submit(self._convert, chosen)
+                        last, fut = chosen, pool.submit(self._convert_encode, chosen)
                     pending.append((k, tk, fut))
                 while len(pending) > CONVERT_AHEAD:
                     k, tk, done = pending.popleft()
-                    yield Frame(index=k, pts_s=float(tk), image=done.result())
+                    yield Frame(k, float(tk), *done.result())
             while pending:
                 k, tk, done = pending.popleft()
-                yield Frame(index=k, pts_s=float(tk), image=done.result())
+                yield Frame(k, float(tk), *done.result())
 
     def close(self) -> None:
         self.closed = True
@@ -302,10 +316,11 @@ class _DecordDecoder:
 
     backend = "decord"
 
-    def __init__(self, path: str, fps: float | None, short_side: int | None, threads: int):
+    def __init__(self, path: str, fps: float | None, short_side: int | None, threads: int,
+                 encode: Callable[[np.ndarray], Any] | None = None):
         import decord
 
-        self.path, self.closed = path, False
+        self.path, self.closed, self._encode = path, False, encode
         self.frames_decoded = self.frames_read = self.frames_dropped = self.decode_errors = 0
         try:   # codec, time base and rotation, which decord does not report: PyAV, one frame
             hdr = _PyAVDecoder(path, None, None, threads)
@@ -343,7 +358,7 @@ class _DecordDecoder:
     def __iter__(self) -> Iterator[Frame]:
         import decord
 
-        pos, last_j, img = 0, -1, None
+        pos, last_j, img, data = 0, -1, None, None
         for k, tk, j in self._plan:
             if j != last_j:
                 try:
@@ -358,22 +373,24 @@ class _DecordDecoder:
                 if img.shape != (self._size[1], self._size[0], 3):
                     raise VideoError(f"{self.path}: decord returned a {img.shape} frame, expected "
                                      f"{(self._size[1], self._size[0], 3)} (use backend pyav)")
-            yield Frame(index=k, pts_s=float(tk), image=img)   # repeated slots share the image
+                data = self._encode(img) if self._encode is not None else None
+            yield Frame(k, float(tk), img, data)   # repeated slots share the image
 
     def close(self) -> None:
         self.closed = True
         self._vr = None   # decord frees its demuxer and decoder with the reader
 
 
-def _open(path: str, fps: float | None, short_side: int | None, backend: str, threads: int):
+def _open(path: str, fps: float | None, short_side: int | None, backend: str, threads: int,
+          encode: Callable[[np.ndarray], Any] | None = None):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if short_side is not None and short_side < 1:
         raise ValueError(f"short_side must be >= 1 or None, got {short_side}")
     if backend == "decord":
-        return _DecordDecoder(path, fps, short_side, threads)
+        return _DecordDecoder(path, fps, short_side, threads, encode)
     try:
-        return _PyAVDecoder(path, fps, short_side, threads)
+        return _PyAVDecoder(path, fps, short_side, threads, encode)
     except _NoFrameError as e:
         if backend == "pyav":
             raise
@@ -382,22 +399,25 @@ def _open(path: str, fps: float | None, short_side: int | None, backend: str, th
         except ImportError:
             raise e from None
         try:
-            return _DecordDecoder(path, fps, short_side, threads)
+            return _DecordDecoder(path, fps, short_side, threads, encode)
         except VideoError as e2:
             raise VideoError(f"{e} [decord fallback: {e2}]") from e
 
 
 @contextlib.contextmanager
 def open_video(path: str | os.PathLike, fps: float | None = 4.0, short_side: int | None = 256,
-               backend: str = "auto", threads: int = 0) -> Iterator[Any]:
+               backend: str = "auto", threads: int = 0,
+               encode: Callable[[np.ndarray], Any] | None = None) -> Iterator[Any]:
     """Streaming decoder; iterate it for :class:`Frame` objects. Closed when the block exits.
 
     Attributes: ``info`` (VideoInfo), ``frames_decoded`` (frames the codec produced),
     ``frames_read`` (source frames read, decoded or skipped as unused: use it for source
     frames/s), ``decode_errors``, ``frames_dropped``, ``backend``, ``closed``.
     ``fps=None`` keeps every frame; ``short_side=None`` keeps the source size.
+    ``encode`` (e.g. image -> JPEG bytes) is applied to each chosen image on the decoder's
+    helper thread, overlapping decoding; the result is ``Frame.data``.
     """
-    dec = _open(os.fspath(path), fps, short_side, backend, threads)
+    dec = _open(os.fspath(path), fps, short_side, backend, threads, encode)
     try:
         yield dec
     finally:

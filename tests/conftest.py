@@ -53,7 +53,7 @@ def frame_pattern(k: int, width: int, height: int, seed: int = 0) -> np.ndarray:
 
 def make_video(path: str | Path, *, fps: float = 30.0, num_frames: int = 30, width: int = 160,
                height: int = 120, codec: str = "libx264", pts_s: list[float] | None = None,
-               seed: int = 0) -> Path:
+               seed: int = 0, pix_fmt: str = "yuv420p") -> Path:
     """Encode a small test video with PyAV. ``pts_s`` gives explicit (e.g. variable-rate) timestamps."""
     import av
 
@@ -63,7 +63,7 @@ def make_video(path: str | Path, *, fps: float = 30.0, num_frames: int = 30, wid
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         if pts_s is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         for k in range(num_frames if pts_s is None else len(pts_s)):

@@ -32,7 +32,7 @@ def reference_frames(path: Path, fps: float, short_side: int) -> list[tuple[int,
 
     Slot k at T_k = t0 + k/fps exists while T_k <= last pts; it takes the frame of nearest pts,
     the earlier one on a tie. Pixels as documented in video._convert: AREA scaling to the short
-    side in the source's YUV format, then conversion to RGB.
+    side into 8-bit 4:2:0 YUV, then conversion to RGB.
     """
     with av.open(str(path)) as c:
         s = c.streams.video[0]
@@ -47,7 +47,9 @@ def reference_frames(path: Path, fps: float, short_side: int) -> list[tuple[int,
     while times[0] + k * step <= times[-1]:
         tk = times[0] + k * step
         j = min(range(len(times)), key=lambda i: (abs(times[i] - tk), times[i]))
-        small = frames[j][1].reformat(width=w, height=h, interpolation="AREA")
+        src = frames[j][1]
+        small = src.reformat(width=w, height=h, interpolation="AREA",
+                             format="yuvj420p" if src.format.name.startswith("yuvj") else "yuv420p")
         img = small.reformat(format="rgb24").to_ndarray()
         out.append((k, times[j], img))
         k += 1
@@ -81,6 +83,35 @@ def test_selection_matches_reference(tmp_path, src_fps, num_frames, pts_s):
         assert min(f.image.shape[:2]) == 64
     if src_fps == 30.0 and pts_s is None:                     # T_1 = 0.25 s is exactly between
         assert got[1].pts_s == pytest.approx(7 / 30)          # frames 7 and 8: the earlier wins
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv444p", "yuv422p"])
+def test_non_420_sources_are_scaled_into_420(tmp_path, pix_fmt):
+    """4:4:4 / 4:2:2 frames follow the documented rule too (scaled into yuv420p, then RGB)."""
+    path = make_video(tmp_path / "v.mp4", fps=8, num_frames=12, pix_fmt=pix_fmt)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].codec_context.pix_fmt == pix_fmt
+    ref = reference_frames(path, 4.0, 64)
+    got = list(V.iter_frames(path, fps=4.0, short_side=64, backend="pyav"))
+    assert len(got) == len(ref) >= 3
+    for f, (_, _, img) in zip(got, ref):
+        np.testing.assert_array_equal(f.image, img)
+
+
+def test_encode_runs_per_chosen_image_and_repeats_share_it(tmp_path):
+    path = make_video(tmp_path / "v.mp4", fps=2, num_frames=4)
+    calls = []
+
+    def encode(img):
+        calls.append(img.shape)
+        return img.sum()
+
+    with V.open_video(path, fps=4, short_side=32, backend="pyav", encode=encode) as dec:
+        frames = list(dec)
+    assert len(calls) == 4 and len(frames) == 7                 # 4 source frames, 7 slots
+    assert all(f.data == f.image.sum() for f in frames)
+    assert frames[0].data is frames[1].data
+    assert all(f.data is None for f in V.iter_frames(path, fps=4, short_side=32, backend="pyav"))
 
 
 def test_slow_source_repeats_share_one_image(tmp_path):
