@@ -4,9 +4,10 @@ METHOD.md sections 1 and 5: a view is one frame ``t`` of a clip, cropped to box 
 and augmented with ``g``. ``ViewSampler.sample`` draws the parameters of all ``n``
 views of a clip (globals first, then locals) from a numpy Generator, cheaply and
 without pixels, so the loader can replay it on resume without decoding.
-``render`` then crops/resizes/flips the decoded frames and ``augment`` applies the
-colour/grey/blur/solarize part in one batched, device-agnostic torch function
-(it also runs on GPU tensors, for a training loop that prefers to augment there).
+``render_into`` then crops/resizes/flips the decoded frames and applies the
+colour/grey/blur/solarize part per view with OpenCV, writing into the caller's
+(S, S, 3) slots; ``augment`` is the same augmentation as one batched, device-agnostic
+torch function (for a training loop that augments on the GPU).
 
 Time: view 0 sits on the *anchor* frame (uniform over the clip); every other view
 has dt = 0 with probability ``p_dt0``, else dt uniform in 1..m (``forward``) or in
@@ -32,24 +33,22 @@ Colour steps are composed before a single clamp (torchvision clamps after each).
 
 Decoding (``decode_frame``): torchvision.io.decode_jpeg vs PIL on a 455x256 q90 textured
 frame, one thread, this 2-core shared machine: 0.45 ms vs 0.55 ms (decode + array), so
-torchvision is kept (WebP goes through torchvision.io.decode_webp). Crop+resize to 224:
-torchvision resized_crop on uint8 0.13 ms vs PIL resize(box=) 0.35 ms; to 96: 0.04 vs 0.07 ms.
+torchvision is kept (WebP goes through torchvision.io.decode_webp). Its (3, H, W) result is a
+view of interleaved (H, W, 3) memory, which is what OpenCV works on: no transpose anywhere.
 torchvision's image decoders are deprecated since 0.29 (torchcodec replaces them); if they go,
 PIL costs ~0.1 ms more per frame here.
 
-CPU cost per clip (process time, one thread, 2 x 224 + 4 x 96 views, 3.3 distinct frames of
-real 455x256 q90 JPEGs, defaults below): tar reading 0.9 ms, view sampling 0.4, decoding 1.1,
-crop/resize/flip 0.8, colour 0.8, blur 0.8, solarize 0.2. Colour and blur are why the loader
-with augmentation reaches ~0.4x of the decode-only bound; with ``aug_in_loader=False`` (augment
-on the GPU with ``augment``) it reaches ~0.6x. Tried and dropped: channels-last frames (resize
-0.43 vs 0.70 ms for 6 views, but the transpose costs 0.18 ms per frame), PIL colour matrix
-(0.11 vs 0.30 ms per 224 view, eaten by the CHW<->HWC copies), depthwise conv2d / conv1d / PIL blur.
-Kept (render + augment user CPU 1.70 -> 1.52 ms per clip; bench loader cpu ratio ~0.455 -> ~0.467 on the same
-machine state): crop + ``F.interpolate`` directly instead of ``TF.resized_crop`` (same kernel, ~25 us less per
-view), the +0.5 rounding folded into the colour offset/clamp, numpy's float -> uint8 cast (4x torch's),
-the blur writing into its input's slot, the aug parameters read once in numpy. Blur (~0.5 ms per clip) and
-the colour pass are memory-bound torch passes now; with aug_in_loader=False the loader reaches cpu ratio
-~0.65 (wall ~0.49), which bounds what any in-loader augmentation speed-up can reach here.
+Rendering on the CPU (``render_into``: OpenCV, per view, in place, into the caller's (S, S, 3)
+slots) vs the previous all-torch path (antialiased ``F.interpolate``, then ``augment`` on the
+stack), per clip of 2 x 224 + 4 x 96 views from real 455x256 q90 JPEGs, one core, best of 9:
+crop/resize/flip 0.31 vs 0.47 ms, with augmentation 0.62 vs 1.6-1.7 ms. The pieces, per 224 px
+view: bilinear resize 0.05 ms (torch antialiased 0.10-0.13, OpenCV INTER_AREA 0.36 at 300 ->
+224 px, hence area only beyond 2x), colour matrix 0.01 ms (``cv2.transform``), blur 0.06 / 0.11
+ms at sigma 1 / 2 (``sepFilter2D`` with a float kernel; GaussianBlur's bit-exact 8-bit path
+0.12 / 0.25, the old torch shift-and-add 0.24 / 0.40), solarize 0.04 ms (LUT). With it the
+loader went from 0.48 to 0.66 of the decode-only bound (``abvid bench loader``, README).
+The torch ``augment`` stays for augmenting on the GPU (``data.aug_in_loader=false``); both
+paths take the same parameters and agree within two levels (tests/test_views.py).
 """
 from __future__ import annotations
 
@@ -214,40 +213,119 @@ def pixel_box(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, 
     return top, left, h, w
 
 
-def render(frames: dict[int, torch.Tensor], views: Views, n_global: int, global_size: int,
-           local_size: int, apply_aug: bool = True) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Crop, resize and flip each view from its decoded frame, then ``augment`` (unless apply_aug=False).
+_FLIP, _BLUR, _SOLARIZE = _A["flip"], _A["blur_sigma"], _A["solarize"]
+_COLOUR_COLS = [_A["brightness"], _A["contrast"], _A["saturation"], _A["hue"], _A["grey"]]
+_SOLARIZE_LUT = np.array([v if v < 128 else 255 - v for v in range(256)], dtype=np.uint8)
 
-    frames: frame index -> (3, H, W) uint8. Returns global (n_global, 3, G, G) uint8,
-    local (n_local, 3, L, L) uint8 and the boxes snapped to the pixel grid (n, 4) float32.
+
+def _cv2():
+    """OpenCV, imported on first render (it costs ~0.1 s; commands that never render skip it)."""
+    import cv2
+    return cv2
+
+
+def hwc(img: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(3, H, W) uint8 tensor or (H, W, 3) array -> C-contiguous (H, W, 3) uint8 array.
+
+    No copy for ``decode_frame``'s tensors: torchvision's decoders return (3, H, W) views of
+    interleaved (H, W, 3) memory.
     """
-    out, snapped = [], np.empty_like(views.boxes)
-    for i, (box, t) in enumerate(zip(views.boxes, views.frame_idx)):
-        img = frames[int(t)]
-        H, W = img.shape[-2:]
-        top, left, h, w = pixel_box(box, W, H)
+    if torch.is_tensor(img):
+        img = img.permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(img)
+
+
+def render_into(frames: dict[int, torch.Tensor | np.ndarray], views: Views, out_global: np.ndarray,
+                out_local: np.ndarray, apply_aug: bool = True) -> np.ndarray:
+    """Crop, resize, flip (and augment unless apply_aug=False) every view of a clip into HWC arrays.
+
+    frames: frame index -> (3, H, W) uint8 tensor or (H, W, 3) array. out_global (n_global, G, G, 3)
+    and out_local (n_local, L, L, 3) are uint8 arrays written in place (e.g. slots of a batch buffer).
+    Returns the boxes snapped to the pixel grid, (n, 4) float32.
+
+    Resize: bilinear (OpenCV INTER_LINEAR, half-pixel centres, == torch's align_corners=False) when
+    the crop is at most 2x the output size in both sides, else area averaging (INTER_AREA), which
+    anti-aliases large reductions; at <= 2x every source pixel still reaches the output. Measured per
+    clip here (2 x 224 + 4 x 96 views, one core): torch antialiased interpolate 0.36 ms, this 0.17 ms.
+    Augmentation: ``augment_view`` per view, in place (the same parameters as ``augment``).
+    """
+    cv2 = _cv2()
+    a = views.aug
+    n_global = len(out_global)
+    mats = _colour_matrices(a) if apply_aug else None
+    snapped = np.empty_like(views.boxes)
+    arrays: dict[int, np.ndarray] = {}
+    for i in range(len(a)):
+        t = int(views.frame_idx[i])
+        img = arrays.get(t)
+        if img is None:
+            img = arrays[t] = hwc(frames[t])
+        H, W = img.shape[:2]
+        top, left, h, w = pixel_box(views.boxes[i], W, H)
         snapped[i] = (top / H, left / W, h / H, w / W)
-        size = global_size if i < n_global else local_size
-        v = img[:, top:top + h, left:left + w]
-        if (h, w) != (size, size):      # == TF.resized_crop(..., antialias=True), without its ~25 us per view
-            v = torch.nn.functional.interpolate(v[None], size=[size, size], mode="bilinear", align_corners=False,
-                                                antialias=True)[0]                          # (3, S, S) uint8
-        out.append(v.flip(-1) if views.aug[i, _A["flip"]] > 0 else v)
-    aug = torch.from_numpy(views.aug)
-    g = torch.stack(out[:n_global])
-    loc = torch.stack(out[n_global:]) if len(out) > n_global else torch.empty(0, 3, local_size, local_size,
-                                                                              dtype=torch.uint8)
-    if apply_aug:
-        g, loc = augment(g, aug[:n_global]), augment(loc, aug[n_global:])
-    return g, loc, snapped
+        dst = out_global[i] if i < n_global else out_local[i - n_global]
+        S = dst.shape[0]
+        crop = img[top:top + h, left:left + w]
+        flip = a[i, _FLIP] > 0
+        if (h, w) != (S, S):
+            interp = cv2.INTER_AREA if h > 2 * S or w > 2 * S else cv2.INTER_LINEAR
+            if flip:
+                crop = cv2.resize(crop, (S, S), interpolation=interp)
+            else:
+                cv2.resize(crop, (S, S), dst=dst, interpolation=interp)
+        if flip:
+            cv2.flip(crop, 1, dst=dst)
+        elif (h, w) == (S, S):
+            np.copyto(dst, crop)
+        if apply_aug:
+            augment_view(dst, a[i], mats[i])
+    return snapped
 
 
-def colour_matrix(aug: torch.Tensor) -> torch.Tensor:
-    """(N, AUG_DIM) -> (N, 3, 3) float32 matrix of brightness*contrast, saturation, hue and grey (no offset).
+def augment_view(x: np.ndarray, a: np.ndarray, mat: np.ndarray | None = None) -> np.ndarray:
+    """Colour jitter + grey, blur, solarize of one (S, S, 3) uint8 view, in place (CPU, OpenCV); returns x.
+
+    a: the view's (AUG_DIM,) parameters; mat: its colour matrix (computed here when None).
+    Same parameters and order as ``augment`` (the batched torch version, for GPUs); the colour
+    step rounds to uint8 before the blur, so results differ from it by a level or two at most.
+    Per 224 px view, one core: colour 0.01 ms, blur 0.06 / 0.11 ms at sigma 1 / 2, solarize 0.04 ms.
+    """
+    cv2 = _cv2()
+    if a[_COLOUR_COLS].any():
+        m = np.empty((3, 4), np.float32)
+        m[:, :3] = _colour_matrices(a[None])[0] if mat is None else mat
+        c = 1 + float(a[_A["contrast"]])
+        # contrast blends towards the mean grey of the brightness-adjusted view (a scalar)
+        m[:, 3] = (1 - c) * (1 + float(a[_A["brightness"]])) * float(np.dot(cv2.mean(x)[:3], _GREY_W64))
+        cv2.transform(x, m, dst=x)
+    sigma = float(a[_BLUR])
+    if sigma > 0:
+        # separable float kernel: 2x faster here than GaussianBlur's bit-exact 8-bit path (0.06 vs 0.12 ms)
+        r = max(1, min(math.ceil(3 * sigma), min(x.shape[:2]) - 1))
+        k = cv2.getGaussianKernel(2 * r + 1, sigma, cv2.CV_32F)
+        cv2.sepFilter2D(x, -1, k, k, dst=x, borderType=cv2.BORDER_REFLECT_101)
+    if a[_SOLARIZE] != 0:
+        cv2.LUT(x, _SOLARIZE_LUT, dst=x)
+    return x
+
+
+def render(frames: dict[int, torch.Tensor | np.ndarray], views: Views, n_global: int, global_size: int,
+           local_size: int, apply_aug: bool = True) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``render_into`` fresh arrays: global (n_global, 3, G, G) and local (n_local, 3, L, L) uint8 tensors
+    (channels-last in memory: (n, S, S, 3) arrays seen as (n, 3, S, S)) and the snapped boxes."""
+    n_local = len(views.boxes) - n_global
+    g = np.empty((n_global, global_size, global_size, 3), np.uint8)
+    loc = np.empty((n_local, local_size, local_size, 3), np.uint8)
+    snapped = render_into(frames, views, g, loc, apply_aug)
+    return torch.from_numpy(g).permute(0, 3, 1, 2), torch.from_numpy(loc).permute(0, 3, 1, 2), snapped
+
+
+def _colour_matrices(a: np.ndarray) -> np.ndarray:
+    """(N, AUG_DIM) numpy -> (N, 3, 3) float32: brightness*contrast, saturation, hue and grey (no offset).
 
     Built in numpy float64: for these 3x3 matrices numpy's per-call cost is a fraction of torch's.
     """
-    a = aug.detach().cpu().double().numpy()
+    a = a.astype(np.float64)
     eye = np.eye(3)[None]
     ones_w = np.ones((3, 1)) @ _GREY_W64[None]                                           # (3, 3): 1 w^T
     bc = ((1 + a[:, _A["brightness"]]) * (1 + a[:, _A["contrast"]]))[:, None, None]
@@ -260,7 +338,12 @@ def colour_matrix(aug: torch.Tensor) -> torch.Tensor:
     hue = _YIQ_INV @ rot @ _YIQ                                                          # keeps grey axis fixed
     g = a[:, _A["grey"]][:, None, None]
     grey = g * ones_w + (1 - g) * eye
-    return torch.from_numpy((grey @ hue @ sat * bc).astype(np.float32))
+    return (grey @ hue @ sat * bc).astype(np.float32)
+
+
+def colour_matrix(aug: torch.Tensor) -> torch.Tensor:
+    """(N, AUG_DIM) -> (N, 3, 3) float32 matrix of brightness*contrast, saturation, hue and grey (no offset)."""
+    return torch.from_numpy(_colour_matrices(aug.detach().cpu().double().numpy()))
 
 
 def _blur(x: torch.Tensor, sigma: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,9 +370,6 @@ def _blur(x: torch.Tensor, sigma: float, out: torch.Tensor | None = None) -> tor
     for i in range(1, 2 * r + 1):
         acc.add_(p[:, i:i + S_h], alpha=w[i])
     return acc
-
-
-_COLOUR_COLS = [_A["brightness"], _A["contrast"], _A["saturation"], _A["hue"], _A["grey"]]
 
 
 def _to_uint8(f: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,8 @@ def test_batch_follows_the_contract(test_shards):
     B, n = 4, 6
     assert b["global"].shape == (B, 2, 3, 32, 32) and b["global"].dtype == torch.uint8
     assert b["local"].shape == (B, 4, 3, 16, 16) and b["local"].dtype == torch.uint8
+    assert b["global"].permute(0, 1, 3, 4, 2).is_contiguous()           # channels-last in memory
+    assert torch.equal(b["global"].contiguous(), b["global"])
     assert b["boxes"].shape == (B, n, 4) and b["boxes"].dtype == torch.float32
     assert b["frame_idx"].shape == (B, n) and b["frame_idx"].dtype == torch.int64
     assert b["time_s"].shape == (B, n) and b["time_s"].dtype == torch.float32
@@ -73,6 +75,8 @@ def test_two_worker_loader_and_no_local_views(test_shards):
     cfg = _cfg(test_shards[0].parent, n_local=0)
     batches = _take(build_loader(cfg, batch_size=3), 4)
     assert batches[0]["local"].shape == (3, 0, 3, 16, 16) and batches[0]["boxes"].shape == (3, 2, 4)
+    g = batches[0]["global"]          # written by a worker straight into shared memory, (B, n, S, S, 3) underneath
+    assert g.is_shared() and g.permute(0, 1, 3, 4, 2).is_contiguous()
     assert {k for b in batches for k in b["key"]} <= set(ALL_KEYS)
 
 
