@@ -127,15 +127,24 @@ class PreprocessConfig:
 # ------------------------------------------------------------------ worker side
 
 def encode_image(img, fmt: str, quality: int) -> bytes:
-    """(H, W, 3) uint8 RGB -> JPEG / WebP bytes (PIL; libjpeg-turbo)."""
+    """(H, W, 3) uint8 RGB -> JPEG (OpenCV) / WebP (PIL) bytes.
+
+    JPEG: OpenCV and PIL both call libjpeg-turbo with 4:2:0 chroma and the same tables (decoded
+    pixels identical here), but OpenCV takes the array as it is: 0.19 vs 0.26 ms per 455x256 frame
+    (PIL first copies it into its own 4-byte-per-pixel image).
+    """
+    if fmt == "jpg":
+        import cv2
+
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise RuntimeError(f"JPEG encoding failed for a {img.shape} frame")
+        return data.tobytes()
     from PIL import Image
 
     buf = io.BytesIO()
-    im = Image.fromarray(img)
-    if fmt == "jpg":
-        im.save(buf, format="JPEG", quality=quality)
-    else:
-        im.save(buf, format="WEBP", quality=quality, lossless=quality == 100, method=0 if quality < 100 else 1)
+    Image.fromarray(img).save(buf, format="WEBP", quality=quality, lossless=quality == 100,
+                              method=0 if quality < 100 else 1)
     return buf.getvalue()
 
 
