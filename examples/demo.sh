@@ -38,7 +38,7 @@ done
 for name in random base ab; do
   echo "== 4/5 embed [$name]"
   ckpt=$(ls -1 "$OUT/runs/$name"/checkpoints/*.pt | sort | tail -n 1)
-  abvid embed --checkpoint "$ckpt" "$OUT/shards" --out "$OUT/emb/$name"
+  abvid embed --checkpoint "$ckpt" "$OUT/shards" --out "$OUT/emb/$name" --overwrite   # pretrain reran: fresh
 done
 
 echo "== 5/5 probe (labels from $OUT/corpus/annotations.csv; split by video)"
