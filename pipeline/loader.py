@@ -8,7 +8,9 @@ The pipeline is composed in one place, ``ClipDataset._stages``, from curried
 generator stages (webdataset style):
 
     shard URLs -> tar members -> samples (raw bytes) -> shuffle buffer -> position counter (resume skip)
-      -> sample views (parameters only) -> decode the frames the views use -> crop/resize/augment -> collate
+      -> sample views (parameters only) -> decode the frames the views use
+      -> render each batch in place: views cropped/resized/augmented straight into the batch's
+         (shared-memory) pixel buffers (``render_batches``; per clip: ``render_views`` + ``collate``)
 
 Exact resume without decoding. All randomness is a pure function of
 (seed, epoch, rank, worker, position): the shard order/draws, the shuffle buffer's
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -47,7 +50,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from abvid.pipeline.source import (Stage, check_split, epoch_shards, expand_shards, group_samples, shuffle,
                                    tar_members, warn_skip)
-from abvid.pipeline.views import FRAME_SUFFIXES, ViewConfig, Views, ViewSampler, decode_frame, render
+from abvid.pipeline.views import FRAME_SUFFIXES, ViewConfig, Views, ViewSampler, decode_frame, render, render_into
 
 # Sub-streams of the (seed, epoch, rank, worker, ...) seeding (source.py uses 0 and 1).
 _SHUFFLE_STREAM, _VIEW_STREAM = 2, 3
@@ -137,16 +140,46 @@ def decode_frames() -> Stage:
     return stage
 
 
+def _row(s: dict, boxes: np.ndarray) -> dict:
+    """The per-clip fields of a batch besides the pixels."""
+    views: Views = s["__views__"]
+    return {"boxes": boxes, "frame_idx": views.frame_idx, "time_s": np.asarray(s["__times__"], dtype=np.float32),
+            "aug": views.aug, "key": s["__key__"], "labels": s["__labels__"], "clip_id": clip_id(s["__key__"])}
+
+
 def render_views(sampler: ViewSampler, apply_aug: bool) -> Stage:
     """Stage: decoded frames + view parameters -> one transition sample (per-clip part of the batch)."""
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
         for s in samples:
-            views: Views = s["__views__"]
-            g, loc, boxes = render(s["__frames__"], views, sampler.n_global, sampler.global_size,
+            g, loc, boxes = render(s["__frames__"], s["__views__"], sampler.n_global, sampler.global_size,
                                    sampler.local_size, apply_aug=apply_aug)
-            yield {"global": g, "local": loc, "boxes": boxes, "frame_idx": views.frame_idx,
-                   "time_s": np.asarray(s["__times__"], dtype=np.float32), "aug": views.aug, "key": s["__key__"],
-                   "labels": s["__labels__"], "clip_id": clip_id(s["__key__"])}
+            yield {"global": g, "local": loc, **_row(s, boxes)}
+    return stage
+
+
+def render_batches(sampler: ViewSampler, apply_aug: bool, batch_size: int) -> Stage:
+    """Stage: decoded clips -> batches (docs/INTERFACES.md), every view rendered straight into its slot.
+
+    The pixel buffers are allocated once per batch (in shared memory inside a DataLoader worker), so
+    a view is written once and never copied again on its way to the main process. A finite stream
+    ends with a short batch. No sample is pulled ahead: when a batch is yielded, the dataset's
+    resume position is that of the batch's last clip.
+    """
+    G, L, ng, nl = sampler.global_size, sampler.local_size, sampler.n_global, sampler.n_local
+
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        samples = iter(samples)
+        while True:
+            g, loc = pixel_buffer((batch_size, ng, G, G, 3)), pixel_buffer((batch_size, nl, L, L, 3))
+            g_np, loc_np, rows = g.numpy(), loc.numpy(), []
+            for s in itertools.islice(samples, batch_size):
+                i = len(rows)
+                rows.append(_row(s, render_into(s["__frames__"], s["__views__"], g_np[i], loc_np[i], apply_aug)))
+            if rows:
+                yield {"global": g[:len(rows)].permute(0, 1, 4, 2, 3), "local": loc[:len(rows)].permute(0, 1, 4, 2, 3),
+                       **_stack_rows(rows)}
+            if len(rows) < batch_size:
+                return
     return stage
 
 
@@ -154,17 +187,21 @@ class ClipDataset(IterableDataset):
     """Iterable of transition samples for one rank; splits shards across DataLoader workers itself.
 
     State (per worker, saved by StatefulDataLoader): {"epoch", "position", "world_size", "num_workers", "cpu_s"}.
-    ``decode_only=True`` stops after decoding (yields {"key", "frames"}): the benchmark's bound.
+    ``batch_size=None`` yields one sample per clip (``collate`` batches them); an int yields whole batches,
+    rendered in place (``render_batches``: what ``build_loader`` uses). Batches run across epoch ends.
+    ``decode_only=True`` stops after decoding (yields {"key", "frames"} per clip): the benchmark's bound.
     """
 
     def __init__(self, urls: list[str], sampler: ViewSampler, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, resampled: bool = True, one_pass: bool = False, shuffle: bool = True,
                  shuffle_buffer: int = 256, allow_pipe: bool = False, apply_aug: bool = True,
-                 decode_only: bool = False):
+                 decode_only: bool = False, batch_size: int | None = None):
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.urls, self.sampler, self.seed, self.rank, self.world_size = list(urls), sampler, seed, rank, world_size
         self.resampled, self.one_pass, self.shuffle = resampled and not one_pass, one_pass, shuffle
         self.shuffle_buffer, self.allow_pipe = shuffle_buffer, allow_pipe
-        self.apply_aug, self.decode_only = apply_aug, decode_only
+        self.apply_aug, self.decode_only, self.batch_size = apply_aug, decode_only, batch_size
         self._epoch, self._position, self._loaded_workers = 0, 0, None
 
     def state_dict(self) -> dict:
@@ -198,9 +235,17 @@ class ClipDataset(IterableDataset):
                   sample_views(self.sampler, rng_for), decode_frames()]
         if self.decode_only:
             return stages + [lambda it: ({"key": s["__key__"], "frames": len(s["__frames__"])} for s in it)]
+        if self.batch_size is not None:
+            return stages          # rendered in __iter__, across epoch ends
         return stages + [render_views(self.sampler, self.apply_aug)]
 
     def __iter__(self) -> Iterator[dict]:
+        if self.batch_size is None or self.decode_only:
+            return self._clips()
+        return render_batches(self.sampler, self.apply_aug, self.batch_size)(self._clips())
+
+    def _clips(self) -> Iterator[dict]:
+        """The endless (or one-pass) stream of clips, epoch after epoch."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 0)
         if info is not None and not self.decode_only:
@@ -231,6 +276,13 @@ class ClipDataset(IterableDataset):
                                    f"(last shards {urls[:5]}): check the SampleSkipped warnings above")
 
 
+def pixel_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """Empty uint8 tensor; in shared memory inside a DataLoader worker (as default_collate allocates)."""
+    if get_worker_info() is not None:
+        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape)), 0, shape)
+    return torch.empty(shape, dtype=torch.uint8)
+
+
 def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
     """Per-clip (n, 3, S, S) uint8 views -> (B, n, 3, S, S), channels-last in memory ((B, n, S, S, 3) underneath).
 
@@ -240,20 +292,20 @@ def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
     them channels-first here would be a transposing copy (~0.15 ms per clip).
     """
     n, c, h, w = views[0].shape
-    shape = (len(views), n, h, w, c)
-    if get_worker_info() is not None:
-        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape)), 0, shape)
-    else:
-        out = torch.empty(shape, dtype=torch.uint8)
+    out = pixel_buffer((len(views), n, h, w, c))
     np.stack([v.permute(0, 2, 3, 1).numpy() for v in views], out=out.numpy())
     return out.permute(0, 1, 4, 2, 3)
 
 
 def collate(samples: list[dict]) -> dict:
-    """List of per-clip samples -> the batch dict of docs/INTERFACES.md."""
+    """List of per-clip samples (``batch_size=None``) -> the batch dict of docs/INTERFACES.md."""
+    return {"global": stack_views([s["global"] for s in samples]),                      # (B, n_global, 3, G, G)
+            "local": stack_views([s["local"] for s in samples]),                        # (B, n_local, 3, L, L)
+            **_stack_rows(samples)}
+
+
+def _stack_rows(samples: list[dict]) -> dict:
     return {
-        "global": stack_views([s["global"] for s in samples]),                          # (B, n_global, 3, G, G)
-        "local": stack_views([s["local"] for s in samples]),                            # (B, n_local, 3, L, L)
         "boxes": torch.from_numpy(np.stack([s["boxes"] for s in samples])).float(),     # (B, n, 4)
         "frame_idx": torch.from_numpy(np.stack([s["frame_idx"] for s in samples])).long(),  # (B, n)
         "time_s": torch.from_numpy(np.stack([s["time_s"] for s in samples])).float(),   # (B, n)
@@ -284,7 +336,7 @@ class TransitionLoader(StatefulDataLoader):
 
 
 def build_dataset(cfg: DataConfig, rank: int = 0, world_size: int = 1, one_pass: bool = False,
-                  decode_only: bool = False) -> ClipDataset:
+                  decode_only: bool = False, batch_size: int | None = None) -> ClipDataset:
     """Expand and check the shard list (errors at start), then the dataset of one rank."""
     if cfg.seed < 0:
         raise ValueError(f"data.seed must be >= 0 (it seeds numpy SeedSequences), got {cfg.seed}")
@@ -294,7 +346,7 @@ def build_dataset(cfg: DataConfig, rank: int = 0, world_size: int = 1, one_pass:
     return ClipDataset(urls, cfg.view_sampler(), seed=cfg.seed, rank=rank, world_size=world_size,
                        resampled=cfg.resampled, one_pass=one_pass, shuffle=cfg.shuffle,
                        shuffle_buffer=cfg.shuffle_buffer, allow_pipe=cfg.allow_pipe,
-                       apply_aug=cfg.aug_in_loader, decode_only=decode_only)
+                       apply_aug=cfg.aug_in_loader, decode_only=decode_only, batch_size=batch_size)
 
 
 def build_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -305,7 +357,12 @@ def build_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: in
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    ds = build_dataset(cfg, rank, world_size, one_pass)
+    ds = build_dataset(cfg, rank, world_size, one_pass, batch_size=batch_size)   # the dataset batches
     pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
-    return TransitionLoader(ds, batch_size=batch_size, num_workers=cfg.workers, collate_fn=collate,
+    return TransitionLoader(ds, batch_size=None, num_workers=cfg.workers, collate_fn=_as_is,
                             prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None, pin_memory=pin)
+
+
+def _as_is(batch: dict) -> dict:
+    """collate_fn for a dataset that yields whole batches (module level: workers pickle it)."""
+    return batch

@@ -6,7 +6,7 @@
 Both measurements run in this process, one after the other, on the same shards
 with the same seed and the same number of DataLoader worker processes:
 
-    loader  build_loader(...): tar -> shuffle -> views -> decode -> crop/resize/flip/augment -> collate
+    loader  build_loader(...): tar -> shuffle -> views -> decode -> crop/resize/flip/augment into the batch
     bound   the same ClipDataset stream with decode_only=True: it decodes exactly the frames the
             views of each clip use (same clips, same view parameters) and nothing else
 
