@@ -6,7 +6,7 @@
 # Works on a bare GPU host whose python3 has torch (and numpy) but not this project's other
 # dependencies: the project is imported from this checkout through a symlinked `abvid` package, so no
 # install is needed. Optional: WHEELS=/path/to/wheels installs missing ones from there
-# (pip --no-index); without torchdata/webdataset the benchmark uses synthetic in-memory batches
+# (pip --no-index); without torchdata/webdataset/opencv the benchmark uses synthetic in-memory batches
 # (the model-only bound) and the loader benchmark is skipped with the reason.
 #
 # Benchmark: the real training loop (train/loop.py: bf16 autocast, fused AdamW, EMA, metrics) on
@@ -42,7 +42,7 @@ export PYTHONPATH="$TMP/pkg${PYTHONPATH:+:$PYTHONPATH}"
 
 missing=$("$PY" - <<'PY'
 import importlib
-mods = ["numpy", "yaml", "tqdm", "pytest", "torchdata", "webdataset", "PIL", "av", "safetensors"]
+mods = ["numpy", "yaml", "tqdm", "pytest", "torchdata", "webdataset", "PIL", "av", "safetensors", "cv2"]
 def missing(m):
     try:
         importlib.import_module(m)
@@ -54,7 +54,7 @@ PY
 )
 if [ -n "$missing" ] && [ -n "${WHEELS:-}" ]; then
   echo "installing from $WHEELS: $missing" | tee -a "$OUT"
-  pip_names=$(echo "$missing" | sed 's/\byaml\b/pyyaml/; s/\bPIL\b/pillow/')
+  pip_names=$(echo "$missing" | sed 's/\byaml\b/pyyaml/; s/\bPIL\b/pillow/; s/\bcv2\b/opencv-python-headless/')
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" $pip_names >> "$OUT" 2>&1 || true
   missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in '$missing'.split() if u.find_spec(m) is None))" 2>/dev/null || echo "$missing")
 fi
@@ -182,13 +182,13 @@ PY
 }
 
 run_bench synthetic
-if [[ " $missing " == *" torchdata "* || " $missing " == *" webdataset "* || " $missing " == *" PIL "* ]]; then
-  echo "== benchmark (shards) skipped: needs torchdata, webdataset and pillow (missing: $missing)" | tee -a "$OUT"
+if [[ " $missing " == *" torchdata "* || " $missing " == *" webdataset "* || " $missing " == *" PIL "* || " $missing " == *" cv2 "* ]]; then
+  echo "== benchmark (shards) skipped: needs torchdata, webdataset, pillow and opencv (missing: $missing)" | tee -a "$OUT"
 else
   run_bench shards
 fi
 # The loader and embedding benchmarks of the same host (16 cores feed the GPU here, not 2).
-if [[ " $missing " == *" av "* || " $missing " == *" torchdata "* || " $missing " == *" webdataset "* ]]; then
+if [[ " $missing " == *" av "* || " $missing " == *" torchdata "* || " $missing " == *" webdataset "* || " $missing " == *" cv2 "* ]]; then
   echo "== bench loader / bench embed skipped (missing: $missing)" | tee -a "$OUT"
 else
   W=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
