@@ -232,3 +232,21 @@ def test_torchrun_nccl_ddp_on_one_gpu(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
     assert ck["step"] == 4 and ck["rng"]["world_size"] == n
+
+
+def test_view_sizes_checked_against_the_patch_grid_before_training(shards, tmp_path):
+    from abvid.tools.config import ConfigError, load_config
+    from abvid.train.config import PretrainConfig, check_sizes
+
+    def cfg(*extra):
+        return load_config(PretrainConfig, None, [f"data.shards={shards}", *TINY, *extra])
+
+    assert check_sizes(cfg()) == []
+    with pytest.raises(ConfigError, match=r"data.local_size=12 is not a multiple of model.patch_size=8.*=16"):
+        check_sizes(cfg("data.local_size=12"))
+    assert check_sizes(cfg("data.local_size=12", "data.n_local=0")) == []        # no local views: not used
+    (warning,) = check_sizes(cfg("data.global_size=48"))
+    assert "model.img_size=32 differs from data.global_size=48" in warning
+    r = subprocess.run(cli(shards, tmp_path / "run", "data.global_size=36"), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "data.global_size=36 is not a multiple of model.patch_size=8" in r.stderr

@@ -46,10 +46,11 @@ def main(args: argparse.Namespace) -> int:
     import yaml
 
     from abvid.tools.config import ConfigError, load_config, to_dict
-    from abvid.train.config import PretrainConfig, validate
+    from abvid.train.config import PretrainConfig, check_sizes, validate
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     validate(cfg.train)
+    check_sizes(cfg)            # errors now; its warnings are logged when training starts
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return EXIT_OK

@@ -88,3 +88,23 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def check_sizes(cfg: PretrainConfig) -> list[str]:
+    """View sizes against the model. Raises ConfigError for a size the patch grid cannot tile (the first
+    training step would fail, after the workers started); returns warnings for settings that only cost time."""
+    from abvid.tools.config import ConfigError
+
+    p = cfg.model.patch_size
+    sizes = [("data.global_size", cfg.data.global_size)]
+    if cfg.data.n_local > 0:
+        sizes.append(("data.local_size", cfg.data.local_size))
+    for key, size in sizes:
+        if size % p:
+            near = max(p, round(size / p) * p)
+            raise ConfigError(f"{key}={size} is not a multiple of model.patch_size={p}: use e.g. {key}={near}")
+    if cfg.model.img_size != cfg.data.global_size:
+        return [f"model.img_size={cfg.model.img_size} differs from data.global_size={cfg.data.global_size}: the "
+                f"position embedding is resized for every global view; set model.img_size={cfg.data.global_size} "
+                "unless the encoder is meant for that other size"]
+    return []

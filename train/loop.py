@@ -391,11 +391,14 @@ def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True) -> dict:
     from abvid.model import encoder_kwargs
     from abvid.pipeline.loader import build_loader
     from abvid.tools.config import to_dict
-    from abvid.train.config import validate
+    from abvid.train.config import check_sizes, validate
     from abvid.train.objectives import build_objective
 
     tc = cfg.train
     validate(tc)
+    for msg in check_sizes(cfg):
+        if os.environ.get("RANK", "0") == "0":      # once per job, not once per torchrun process
+            log.warning(msg)
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 noise, every worker
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
