@@ -88,6 +88,33 @@ def test_broken_input_is_reported_and_the_rest_embedded(tmp_path, encoder, video
     assert json.loads((tmp_path / "out" / "parts" / "settings.json").read_text())["size"] == 32  # img_size
 
 
+def test_failed_inputs_are_skipped_on_rerun_unless_retry_failed(tmp_path, encoder, videos, capsys):
+    from abvid.tools.cli import main
+    from conftest import make_video
+    broken = tmp_path / "v" / "broken.mp4"
+    broken.write_bytes(b"")
+    enc_file = save_encoder(encoder, TINY, tmp_path / "enc.safetensors")
+    args = ["embed", "--checkpoint", str(enc_file), str(tmp_path / "v"), "--out", str(tmp_path / "out"),
+            "--no-progress", "--batch-size", "8"]
+
+    def report():
+        rows = [json.loads(line) for line in (tmp_path / "out" / "report.jsonl").read_text().splitlines()]
+        return {Path(r["input"]).name: r for r in rows}
+
+    assert main(args) == 1
+    make_video(broken, fps=4, num_frames=8, width=48, height=40)      # the file is fixed in the meantime
+    assert main(args) == 1                                              # default: not tried again
+    st = report()
+    assert st["broken.mp4"]["status"] == "failed" and "earlier run" in st["broken.mp4"]["error"]
+    assert "--retry-failed" in st["broken.mp4"]["error"] and st["a.mp4"]["status"] == "cached"
+    assert main(args + ["--retry-failed"]) == 0
+    st = report()
+    assert st["broken.mp4"]["status"] == "ok" and st["broken.mp4"]["frames"] == 8
+    assert not list((tmp_path / "out" / "parts").glob("*.failed.json"))
+    assert main(args) == 0 and report()["broken.mp4"]["status"] == "cached"
+    capsys.readouterr()
+
+
 def test_prefetch_passes_items_and_errors_and_stops_early():
     assert list(E.prefetch(iter(range(50)), depth=2)) == list(range(50))
 

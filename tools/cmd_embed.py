@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "pyav", "decord"), default="auto", help="video decoder")
     p.add_argument("--threads", type=int, default=0, help="decoder threads (0 = one per core)")
     p.add_argument("--overwrite", action="store_true", help="discard parts of an earlier run in --out")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="try again the inputs an earlier run into --out failed on (skipped and reported by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -60,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
         results = embed_inputs(args.inputs, args.out, encoder, fps=args.fps or None, size=size,
                                batch_size=args.batch_size, device=device,
                                dtype="float16" if args.float16 else "float32", backend=args.backend,
-                               threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress)
+                               threads=args.threads, overwrite=args.overwrite, retry_failed=args.retry_failed,
+                               progress=not args.no_progress)
     except (EmbedError, InputError) as e:
         print(f"abvid embed: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -13,7 +13,9 @@ Work units and resume: one unit is one video file or one shard. A unit's
 embeddings go to ``OUT/parts/<name>.f32`` (raw float32 rows) and
 ``<name>.csv``, written under temp names and renamed; ``<name>.done.json``
 is written last and marks the unit complete. A rerun skips complete units
-(a killed run loses at most the units in flight); failed units are retried.
+(a killed run loses at most the units in flight) and, as ``abvid preprocess`` does, units
+that failed before (``<name>.failed.json``, reported ``failed`` with the earlier reason)
+unless ``retry_failed``.
 ``OUT/parts/settings.json`` pins the encoder fingerprint, fps and size: a
 rerun with other settings into the same folder is refused (use --overwrite),
 and so is a second run while one holds the folder's lock (``OUT/parts/.lock``).
@@ -49,7 +51,7 @@ import torch
 from torch import nn
 
 from abvid.pipeline.preprocess import video_id   # the shard key's video_id, so both inputs name videos alike
-from abvid.train.embed_store import PartWriter, StoreError, done_part, merge_parts, write_text
+from abvid.train.embed_store import PartWriter, StoreError, done_part, failed_part, merge_parts, write_text
 
 T = TypeVar("T")
 
@@ -318,7 +320,7 @@ def _prepare_work(out: Path, settings: dict, overwrite: bool) -> Path:
 def embed_inputs(inputs: list[str], out: str | Path, encoder: nn.Module, *, fps: float | None = 4.0, size: int = 224,
                  batch_size: int = 64, device: str | torch.device = "cpu", dtype: str = "float32",
                  backend: str = "auto", threads: int = 0, prefetch_batches: int = 4, overwrite: bool = False,
-                 progress: bool = True, on_result: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
+                 retry_failed: bool = False, progress: bool = True, on_result: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
     """Embed every frame of ``inputs`` into ``out``; returns one result per input unit (in input order)."""
     if dtype not in ("float32", "float16"):
         raise EmbedError(f"dtype must be float32 or float16, got '{dtype}'")
@@ -332,12 +334,13 @@ def embed_inputs(inputs: list[str], out: str | Path, encoder: nn.Module, *, fps:
     with _lock(out / "parts"):
         return _run(units, out, _prepare_work(out, settings, overwrite), encoder, fps=fps, size=size,
                     batch_size=batch_size, device=device, dtype=dtype, backend=backend, threads=threads,
-                    prefetch_batches=prefetch_batches, progress=progress, on_result=on_result)
+                    prefetch_batches=prefetch_batches, retry_failed=retry_failed, progress=progress,
+                    on_result=on_result)
 
 
 def _run(units: list[Unit], out: Path, work: Path, encoder: nn.Module, *, fps: float | None, size: int,
          batch_size: int, device: torch.device, dtype: str, backend: str, threads: int, prefetch_batches: int,
-         progress: bool, on_result: Callable[[UnitResult], None] | None) -> list[UnitResult]:
+         retry_failed: bool, progress: bool, on_result: Callable[[UnitResult], None] | None) -> list[UnitResult]:
     """The job body of ``embed_inputs``, run under the folder lock."""
     results: list[UnitResult | None] = [None] * len(units)
     position = {id(u): i for i, u in enumerate(units)}   # duplicates share a path, so key by object
@@ -347,6 +350,9 @@ def _run(units: list[Unit], out: Path, work: Path, encoder: nn.Module, *, fps: f
             results[i] = UnitResult(u.origin, u.kind, u.name, "skipped", error=u.skip_reason)
         elif (d := done_part(work, u.name)) is not None:
             results[i] = UnitResult(u.path, u.kind, u.name, "cached", frames=d["rows"])
+        elif not retry_failed and (why := failed_part(work, u.name)) is not None:
+            results[i] = UnitResult(u.path, u.kind, u.name, "failed",
+                                    error=f"{why} [failed in an earlier run; --retry-failed tries again]")
         else:
             todo.append(u)
     from tqdm import tqdm
@@ -373,7 +379,7 @@ def _run(units: list[Unit], out: Path, work: Path, encoder: nn.Module, *, fps: f
                 w.commit()
                 res = UnitResult(unit.path, unit.kind, unit.name, "ok", frames=len(w.rows), seconds=seconds)
             else:
-                w.abort()
+                w.fail(str(payload))
                 res = UnitResult(unit.path, unit.kind, unit.name, "failed", error=str(payload), seconds=seconds)
             results[position[id(unit)]] = res
             if on_result is not None:

@@ -3,7 +3,8 @@
 A unit (one video or shard) is written as ``<name>.f32`` (raw float32 rows, appended
 batch by batch under a temp name), ``<name>.csv`` (its index rows) and, last,
 ``<name>.done.json`` (``{"status": "ok", "rows", "dim", "path"}``), each renamed into
-place, so a part is either complete and marked done or ignored. ``merge_parts``
+place, so a part is either complete and marked done or ignored. A unit that failed leaves
+only ``<name>.failed.json`` (``{"status": "failed", "error", "path"}``). ``merge_parts``
 concatenates done parts into ``embeddings.npy`` (``np.lib.format.open_memmap`` on a
 temp name, then rename; memory flat in N), ``index.csv`` and, when pyarrow is
 installed, ``embeddings.parquet`` (index columns + a fixed-size-list ``embedding``).
@@ -49,10 +50,17 @@ class PartWriter:
         _write_csv(base.with_suffix(".csv"), self.rows, INDEX_FIELDS[1:])
         done = {"status": "ok", "rows": len(self.rows), "dim": self.dim, "path": self.path}
         write_text(base.with_suffix(".done.json"), json.dumps(done) + "\n")
+        base.with_suffix(".failed.json").unlink(missing_ok=True)     # a retried unit that now works
 
     def abort(self) -> None:
         self.f.close()
         self.tmp.unlink(missing_ok=True)
+
+    def fail(self, error: str) -> None:
+        """Drop what was written and record the failure (``failed_part``), so a rerun can skip the unit."""
+        self.abort()
+        write_text((self.work / self.name).with_suffix(".failed.json"),
+                   json.dumps({"status": "failed", "error": error, "path": self.path}) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -80,6 +88,15 @@ def done_part(work: Path, name: str) -> dict[str, Any] | None:
         return None
     ok = done.get("status") == "ok" and size == done["rows"] * done["dim"] * 4 and base.with_suffix(".csv").is_file()
     return done if ok else None
+
+
+def failed_part(work: Path, name: str) -> str | None:
+    """The error of part ``name`` when an earlier run recorded it as failed, else None."""
+    try:
+        rec = json.loads((work / name).with_suffix(".failed.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return str(rec.get("error", "unknown error")) if rec.get("status") == "failed" else None
 
 
 def merge_parts(out: Path, work: Path, names: list[str], dtype: str = "float32") -> int:
