@@ -106,7 +106,7 @@ def test_sigterm_saves_and_exits_143(shards, tmp_path):
     assert ck["step"] == summary["step"] >= 2
 
 
-def _ddp_worker(rank: int, world: int, port: int, shards: str, run_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, shards: str, run_dir: str, extra: tuple = ()) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from abvid.model import encoder_kwargs
@@ -121,7 +121,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: str, run_dir: str) -> 
     # resampled=false: each epoch is a permutation of the shards split across ranks; 4 steps x 2 clips = the
     # 8 clips of one rank's epoch, so the ranks' clips must be disjoint.
     cfg = load_config(PretrainConfig, None, [f"data.shards={shards}", *TINY, "data.workers=0", "data.resampled=false",
-                                             "train.steps=4", "train.batch_size=2", "train.ckpt_every=2"])
+                                             "train.steps=4", "train.batch_size=2", "train.ckpt_every=2", *extra])
     ctx = dist.init("cpu", timeout_s=120)
     try:
         seed_everything(cfg.train.seed)
@@ -142,8 +142,10 @@ def _ddp_worker(rank: int, world: int, port: int, shards: str, run_dir: str) -> 
         dist.shutdown(ctx)
 
 
-def test_ddp_two_ranks_gloo_train_on_disjoint_data(shards, tmp_path):
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(shards), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("extra", [(), ("objective.name=simclr", "objective.bootstrap=true", "objective.proj_dim=16",
+                                       "objective.proj_hidden_dim=64")], ids=["ab_dino", "ab_simclr_gathered"])
+def test_ddp_two_ranks_gloo_train_on_disjoint_data(shards, tmp_path, extra):
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(shards), str(tmp_path), extra), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["summary_step"] == r1["summary_step"] == 4 and r0["changed"] and r1["changed"]
     assert len(r0["keys"]) == len(r1["keys"]) == len(set(r0["keys"])) == 4 * 2

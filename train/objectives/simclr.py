@@ -11,6 +11,12 @@ The negatives rule out DINO's collapse, so SimCLR is the safe toy-scale source.
 
 Bootstrapping (AB_SimCLR) predicts, from view i and action a_ij, the teacher's
 distribution over the batch's views for view j; j itself is not a candidate.
+
+Under DDP the batch is the global one, as in SimCLR: every rank's views are gathered
+(rank order) and are candidates for every other rank's views, gradients flowing back to
+the rank that owns each view (``gather_views``), so W ranks x B clips train like one
+process with W*B clips (tests/test_objectives.py checks loss and gradients against that).
+Ranks must hold equal batches, which the endless training stream always gives.
 """
 from __future__ import annotations
 
@@ -22,9 +28,33 @@ import torch.nn as nn
 from .bootstrap import scored
 
 
-def self_mask(B: int, n: int, device: torch.device) -> torch.Tensor:
-    """(B, n, B*n) bool: True at view (b, j)'s own column."""
-    return torch.eye(B * n, dtype=torch.bool, device=device).view(B, n, B * n)
+def gather_views(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(N, ...) -> ((world * N, ...) rows of every rank in rank order, this rank's first row); identity outside DDP.
+
+    With ``x.requires_grad`` the gather is differentiable (torch.distributed.nn): each rank's rows get the
+    gradients of every rank's loss; DDP's averaging then makes it the gradient of the mean loss.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    x = x.contiguous()
+    if x.requires_grad:
+        from torch.distributed.nn.functional import all_gather
+        parts = list(all_gather(x))
+    else:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+    return torch.cat(parts), dist.get_rank() * x.shape[0]
+
+
+def self_mask(B: int, n: int, device: torch.device, columns: int | None = None, offset: int = 0) -> torch.Tensor:
+    """(B, n, columns) bool: True at view (b, j)'s own column ``offset + b*n + j`` (columns defaults to B*n)."""
+    columns = B * n if columns is None else columns
+    mask = torch.zeros(B * n, columns, dtype=torch.bool, device=device)
+    rows = torch.arange(B * n, device=device)
+    mask[rows, rows + offset] = True
+    return mask.view(B, n, columns)
 
 
 class SimCLRFamily(nn.Module):
@@ -38,18 +68,21 @@ class SimCLRFamily(nn.Module):
 
     def annotations(self, head: nn.Module, z: torch.Tensor, batch: dict[str, Any]):
         B, n = z.shape[:2]
-        return z.reshape(B * n, -1), self_mask(B, n, z.device)        # psi (B*n, d), exclude (B, n, B*n)
+        psi, offset = gather_views(z.reshape(B * n, -1))              # (W*B*n, d): every rank's views
+        return psi, self_mask(B, n, z.device, psi.shape[0], offset)   # exclude (B, n, W*B*n)
 
     def target_probs(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float):
         return scored(z, psi, 1.0 / self.temperature, exclude).softmax(-1)
 
     def base_loss(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, p_t, batch: dict[str, Any]):
         B, n = z.shape[:2]
-        exclude = self_mask(B, n, z.device)
-        logp = scored(z, psi, 1.0 / self.temperature, exclude).log_softmax(-1).masked_fill(exclude, 0.0)
         clip = batch["clip_id"].to(z.device)
-        same = (clip[:, None] == clip[None, :])                        # (B, B): same clip
-        pos = same[:, None, :, None].expand(B, n, B, n).reshape(B, n, B * n) & ~exclude
+        clip_all, first = gather_views(clip)                           # (W*B,) clip ids of every rank
+        exclude = self_mask(B, n, z.device, psi.shape[0], first * n)
+        logp = scored(z, psi, 1.0 / self.temperature, exclude).log_softmax(-1).masked_fill(exclude, 0.0)
+        Bw = clip_all.shape[0]
+        same = (clip[:, None] == clip_all[None, :])                    # (B, W*B): same clip
+        pos = same[:, None, :, None].expand(B, n, Bw, n).reshape(B, n, Bw * n) & ~exclude
         target = pos.float() / pos.sum(-1, keepdim=True).clamp_min(1)  # uniform over positives
         loss = -(target * logp).sum(-1).mean()
         with torch.no_grad():                                          # top-1 retrieval of a positive
