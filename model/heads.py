@@ -27,11 +27,45 @@ import torch.nn.functional as F
 Norm = Literal["none", "ln", "bn"]
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class BatchNormAnyShape(nn.BatchNorm1d):
-    """BatchNorm1d over the last axis of (..., C): statistics over every leading position."""
+    """BatchNorm1d over the last axis of (..., C): statistics over every leading position.
+
+    Training under a process group (DDP), the statistics are those of the global batch, over every
+    rank, as SyncBatchNorm computes them (DINO converts its BN heads to SyncBatchNorm; SimCLR uses
+    global BN): two differentiable all-reduces of C floats, the mean, then the centred squares, in
+    float32. ``nn.SyncBatchNorm.convert_sync_batchnorm`` would not do here: it normalises axis 1,
+    this layer the last axis. Evaluation uses the running statistics, identical on every rank.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.training and _world_size() > 1:
+            return self._global_batch_norm(flat).view(x.shape)
+        return super().forward(flat).view(x.shape)
+
+    def _global_batch_norm(self, flat: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        f = flat.float()
+        sums = all_reduce(torch.cat([f.sum(0), f.new_full((1,), f.shape[0])]))      # sum over ranks
+        count = sums[-1]
+        mean = sums[:-1] / count
+        var = all_reduce(((f - mean) ** 2).sum(0)) / count                             # biased, as BN
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_((var * count / (count - 1).clamp_min(1)).detach(), m)
+        out = (f - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(flat.dtype)
 
 
 def _norm(kind: Norm, dim: int) -> nn.Module:

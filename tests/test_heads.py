@@ -65,3 +65,61 @@ def test_batch_texts_multi_hot():
     texts, hot = batch_texts([["dog"], [], ["cat", "dog"]])
     assert texts == ["cat", "dog"]
     assert hot.tolist() == [[False, True], [False, False], [True, True]]
+
+
+def _bn_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from abvid.model.heads import BatchNormAnyShape
+    from abvid.train import dist
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = dist.init("cpu", timeout_s=60)
+    try:
+        x, w = _bn_data()
+        half = x.shape[0] // world
+        x = x[rank * half:(rank + 1) * half].clone().requires_grad_(True)
+        bn = _bn_module(BatchNormAnyShape)
+        y = bn(x)
+        (y * w[rank * half:(rank + 1) * half]).sum().backward()       # this rank's share of the total loss
+        torch.save({"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+                    "rm": bn.running_mean, "rv": bn.running_var}, f"{out}/r{rank}.pt")
+    finally:
+        dist.shutdown(ctx)
+
+
+def _bn_data():
+    g = torch.Generator().manual_seed(0)
+    return 3 + 2 * torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)   # (..., C=5)
+
+
+def _bn_module(cls):
+    torch.manual_seed(1)
+    bn = cls(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn.train()
+
+
+def test_batchnorm_under_ddp_uses_the_global_batch(tmp_path):
+    """2 gloo ranks with half the rows each == one process with all rows: outputs, gradients, running stats."""
+    import torch.multiprocessing as mp
+    from test_dist import free_port
+
+    from abvid.model.heads import BatchNormAnyShape
+    mp.spawn(_bn_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"r{k}.pt", weights_only=True) for k in (0, 1)]
+    x, w = _bn_data()
+    x.requires_grad_(True)
+    bn = _bn_module(BatchNormAnyShape)
+    y = bn(x)
+    (y * w).sum().backward()
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r[0]["y"], r[1]["y"]]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([r[0]["dx"], r[1]["dx"]]), x.grad, **close)
+    torch.testing.assert_close(r[0]["dw"] + r[1]["dw"], bn.weight.grad, **close)    # summed, as the losses are
+    torch.testing.assert_close(r[0]["db"] + r[1]["db"], bn.bias.grad, **close)
+    for k in (0, 1):
+        torch.testing.assert_close(r[k]["rm"], bn.running_mean, **close)
+        torch.testing.assert_close(r[k]["rv"], bn.running_var, **close)

@@ -135,23 +135,24 @@ def _ddp_worker(rank: int, world: int, port: int, shards: str, run_dir: str, ext
         changed = any(not torch.equal(before[k], v) for k, v in obj.state_dict().items()
                       if k.startswith("student_encoder."))
         torch.save({"keys": seen, "summary_step": s["step"], "changed": changed,
-                    # parameters only: BatchNorm running stats are per-rank until DDP re-broadcasts rank 0's
-                    "state": {k: v.detach() for k, v in obj.named_parameters()}},
+                    # buffers too: the heads' BatchNorm running stats come from the global batch
+                    "state": {k: v.detach() for k, v in obj.state_dict().items()}},
                    f"{run_dir}/rank{rank}.pt")
     finally:
         dist.shutdown(ctx)
 
 
 @pytest.mark.parametrize("extra", [(), ("objective.name=simclr", "objective.bootstrap=true", "objective.proj_dim=16",
-                                       "objective.proj_hidden_dim=64")], ids=["ab_dino", "ab_simclr_gathered"])
+                                       "objective.proj_hidden_dim=64", "objective.proj_norm=bn")], ids=["ab_dino", "ab_simclr_gathered"])
 def test_ddp_two_ranks_gloo_train_on_disjoint_data(shards, tmp_path, extra):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(shards), str(tmp_path), extra), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["summary_step"] == r1["summary_step"] == 4 and r0["changed"] and r1["changed"]
     assert len(r0["keys"]) == len(r1["keys"]) == len(set(r0["keys"])) == 4 * 2
     assert not set(r0["keys"]) & set(r1["keys"]), "ranks read overlapping clips"
+    assert any("running_mean" in k for k in r0["state"])
     for k, v in r0["state"].items():                       # DDP kept student and EMA teacher in lockstep
-        assert torch.allclose(v, r1["state"][k], atol=1e-6), k
+        assert torch.allclose(v.float(), r1["state"][k].float(), atol=1e-6), k
     ck = load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000004.pt")
     assert ck["loader_state"]["world_size"] == 2 and len(ck["loader_state"]["ranks"]) == 2
     assert len(ck["rng"]["ranks"]) == 2

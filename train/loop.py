@@ -29,8 +29,9 @@ functions. One code path for every setting:
   schedulers can requeue). A second SIGINT raises ``KeyboardInterrupt``.
   torchrun forwards SIGTERM to every worker and SIGKILLs them 30 s later, so
   one step plus one checkpoint write must fit in that window.
-* **BatchNorm** in heads: per-rank batch statistics (no SyncBatchNorm); DDP
-  re-broadcasts rank 0's buffers (running stats, the teacher's too) every forward.
+* **BatchNorm** in heads: global-batch statistics over every rank
+  (``model/heads.BatchNormAnyShape``, SyncBatchNorm's rule); the running stats
+  are therefore the same on every rank.
 * **NaN/inf guard**: a step with a non-finite loss or gradient norm (any rank)
   is skipped (no optimizer or EMA update), logged as an ``event`` row, and
   ``train.max_bad_steps`` of them in a row stop the run (``status="diverged"``,

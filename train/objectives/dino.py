@@ -38,9 +38,9 @@ bottleneck 64, K 256), teacher temp 0.04 (-> 0.07), centre momentum 0.9,
 teacher momentum 0.99, lr 5e-4 x B / 256 up to ~1e-3 for quick toy runs. Watch
 ``target_entropy`` (per view; ln K = uniform) and ``target_marginal_entropy``
 (of the batch mean; near 0 = one prototype for everything): healthy runs keep
-the marginal well above the per-view entropy. Under DDP, convert the head's
-BatchNorm with ``nn.SyncBatchNorm.convert_sync_batchnorm`` or accept per-rank
-statistics (DINO's ``use_bn`` does the former).
+the marginal well above the per-view entropy. Under DDP the head's BatchNorm
+uses the statistics of the global batch (``model/heads.BatchNormAnyShape``), as
+DINO's SyncBatchNorm conversion does.
 """
 from __future__ import annotations
 
