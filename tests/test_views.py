@@ -97,6 +97,19 @@ def test_decode_jpeg_and_webp_and_bad_bytes():
         decode_frame(b"\xff\xd8 not a jpeg at all", "jpg")
 
 
+def test_decode_falls_back_to_opencv_without_torchvision_decoders(monkeypatch):
+    import abvid.pipeline.views as views_mod
+    img = frame_pattern(3, 80, 48)
+    with_tv = {s: decode_frame(_jpeg(img, f), s) for f, s in (("JPEG", "jpg"), ("WEBP", "webp"))}
+    monkeypatch.setattr(views_mod, "decode_jpeg", None)
+    for fmt, suffix in (("JPEG", "jpg"), ("WEBP", "webp")):
+        x = decode_frame(_jpeg(img, fmt), suffix)
+        assert x.shape == (3, 48, 80) and x.dtype == torch.uint8 and x.permute(1, 2, 0).is_contiguous()
+        assert (x.int() - with_tv[suffix].int()).abs().max() <= (0 if suffix == "jpg" else 2)
+    with pytest.raises(ValueError, match="not a decodable image"):
+        decode_frame(b"\xff\xd8 not a jpeg at all", "jpg")
+
+
 def _views(boxes, frames, aug=None) -> Views:
     n = len(boxes)
     return Views(np.asarray(boxes, np.float32), np.asarray(frames, np.int64),
