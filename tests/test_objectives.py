@@ -295,3 +295,14 @@ def test_simclr_negatives_are_gathered_across_ranks(tmp_path):
     assert set(r0["grads"]) == set(ref) and len(ref) > 10
     for k, g in ref.items():                                         # what DDP's gradient averaging yields
         torch.testing.assert_close((r0["grads"][k] + r1["grads"][k]) / 2, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dino", "simclr"])
+def test_loss_traces_for_torch_compile_with_one_break_for_the_metrics(name):
+    """train.compile: the whole loss is one graph up to the single host transfer of the metrics
+    (to_floats' tolist). Boolean-mask indexing (data-dependent shapes) used to split it."""
+    obj = make(name, bootstrap=True, gamma=0.5)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(lambda b: obj.loss(b, teacher_temp=0.05))(toy_batch())
+    torch._dynamo.reset()
+    assert ex.graph_break_count == 1 and all("tolist" in str(r.reason) for r in ex.break_reasons)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,3 +254,19 @@ def test_view_sizes_checked_against_the_patch_grid_before_training(shards, tmp_p
     r = subprocess.run(cli(shards, tmp_path / "run", "data.global_size=36"), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "data.global_size=36 is not a multiple of model.patch_size=8" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_step_on_cpu_matches_eager(shards, tmp_path):
+    """train.compile=true end to end (inductor on CPU: ~1 min of compiling on 2 cores) gives eager's losses."""
+    runs = {}
+    for mode in ("false", "true"):
+        r = subprocess.run(cli(shards, tmp_path / mode, f"train.compile={mode}", "train.steps=3"),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[mode] = losses(tmp_path / mode)
+    assert sorted(runs["true"]) == [1, 2, 3]
+    for step, loss in runs["false"].items():
+        assert runs["true"][step] == pytest.approx(loss, rel=1e-4)

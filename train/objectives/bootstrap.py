@@ -41,8 +41,9 @@ class Encoded:
 
 def off_diagonal_targets(n: int, device: torch.device) -> torch.Tensor:
     """(n, n-1) int64: row i lists every target view j != i, in order."""
-    idx = torch.arange(n, device=device)
-    return idx.repeat(n, 1)[~torch.eye(n, dtype=torch.bool, device=device)].view(n, n - 1)
+    k = torch.arange(n - 1, device=device)[None]                    # closed form: no boolean index, so
+    i = torch.arange(n, device=device)[:, None]                        # no data-dependent shape to compile
+    return k + (k >= i).long()
 
 
 def bootstrap_target(p_next: torch.Tensor, q_next: torch.Tensor | None, gamma: float) -> torch.Tensor:

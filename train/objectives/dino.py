@@ -77,9 +77,10 @@ class DINOFamily(nn.Module):
         logp = scored(z, psi, 1.0 / self.student_temp, None).log_softmax(-1)   # (B, n, K)
         q = p_t[:, :ng]                                                # (B, ng, K): teacher on globals
         ce = -torch.einsum("bik,bjk->bij", q, logp)                   # (B, ng, n): teacher i vs student j
-        keep = torch.ones(ng, logp.shape[1], dtype=torch.bool, device=z.device)
-        keep[torch.arange(ng), torch.arange(ng)] = False               # not a view against itself
-        loss = ce[:, keep].mean()
+        # not a view against itself; a 0/1 weight, not a boolean index (that would be a data-dependent
+        # shape: a graph break under torch.compile)
+        keep = 1.0 - torch.eye(ng, logp.shape[1], device=z.device, dtype=ce.dtype)
+        loss = (ce * keep).sum() / (ce.shape[0] * keep.sum())
         return loss, {"student_temp": self.student_temp}
 
     @torch.no_grad()
