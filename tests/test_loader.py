@@ -80,6 +80,14 @@ def test_two_worker_loader_and_no_local_views(test_shards):
     assert {k for b in batches for k in b["key"]} <= set(ALL_KEYS)
 
 
+def test_worker_batches_equal_in_process_batches(test_shards):
+    """Views rendered by a worker into shared memory == the same views rendered in the main process."""
+    a = _take(build_loader(_cfg(test_shards[0].parent, workers=0), batch_size=3), 4)
+    b = _take(build_loader(_cfg(test_shards[0].parent, workers=1), batch_size=3), 4)
+    assert b[0]["global"].is_shared() and not a[0]["global"].is_shared()
+    _assert_same_batches(a, b, pixels=4)
+
+
 def test_still_image_mode_uses_one_frame_per_clip(test_shards):
     b = next(iter(build_loader(_cfg(test_shards[0].parent, workers=0, p_dt0=1.0), batch_size=6)))
     assert torch.all(b["frame_idx"] == b["frame_idx"][:, :1])
