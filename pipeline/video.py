@@ -170,9 +170,10 @@ def decode_only(path: str | os.PathLike, threads: int = 0) -> int:
 
 
 def _lower_priority() -> None:
-    """Lower this thread's scheduling priority (Linux: threads have their own nice value)."""
+    """Lower this thread's scheduling priority by HELPER_NICENESS (Linux: threads have their own nice value)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HELPER_NICENESS)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HELPER_NICENESS))
     except (AttributeError, OSError):   # not Linux, or not permitted: run at the normal priority
         pass
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import gc
 import math
+import os
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -421,3 +423,21 @@ def test_rotation_agrees_with_decord(shared_media, rot):
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 8
     # and a wrong rotation would be far off
     assert np.abs(np.rot90(a, 2).astype(int) - b.astype(int)).mean() > 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_conversion_helper_runs_below_the_decoder_priority(tmp_path):
+    import threading
+    path = make_video(tmp_path / "v.mp4", fps=8, num_frames=8)
+    seen = set()
+
+    def encode(img):     # runs on the helper thread, after the conversion
+        seen.add((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return b""
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with V.open_video(path, fps=4, short_side=32, backend="pyav", encode=encode) as dec:
+        assert len(list(dec)) >= 3
+    (tid, nice), = seen                                         # one helper thread for the whole video
+    assert tid != threading.get_native_id() and nice == min(19, base + V.HELPER_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base           # the caller's own priority is untouched
