@@ -159,18 +159,27 @@ def process_video(task: dict, cfg: PreprocessConfig, threads: int) -> dict:
         if cfg.decode_hook:
             _resolve_hook(cfg.decode_hook)(path)
         # JPEG/WebP encoding runs on the decoder's helper thread, right after each frame's conversion
-        # (PIL releases the GIL), overlapping the decoder; a repeated slot shares its bytes.
+        # (OpenCV and PIL release the GIL), overlapping the decoder, for slots in a clip (not in the gaps
+        # of a clip_stride > clip_len); a repeated slot shares its bytes. The rare frame first shown in
+        # a gap and repeated into a clip is encoded here.
         encode = functools.partial(encode_image, fmt=cfg.format, quality=cfg.quality)
+        in_clip = (lambda k: k % cfg.stride < cfg.clip_len) if cfg.stride > cfg.clip_len else None
         with open_video(path, fps=cfg.fps, short_side=cfg.size, backend=cfg.backend, threads=threads,
-                        encode=encode) as dec, SpoolWriter(spool) as out:
+                        encode=encode, encode_if=in_clip) as dec, SpoolWriter(spool) as out:
             info = dec.info
             window: deque = deque()          # (index, pts_s, bytes) of frames of the next clip(s)
             clip, frames = 0, 0
+            last_img, last_data = None, None
             for fr in dec:
                 frames += 1
                 if fr.index < clip * cfg.stride:     # in a gap between clips (stride > clip_len)
                     continue
-                window.append((fr.index, fr.pts_s, fr.data))
+                data = fr.data
+                if data is None:
+                    if fr.image is not last_img:
+                        last_img, last_data = fr.image, encode(fr.image)
+                    data = last_data
+                window.append((fr.index, fr.pts_s, data))
                 if fr.index == clip * cfg.stride + cfg.clip_len - 1:
                     frames_of_clip = list(window)[-cfg.clip_len:]
                     _write_clip(out, vid, clip, frames_of_clip, info, fr.image.shape, annotations, path, cfg)

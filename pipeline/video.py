@@ -62,8 +62,8 @@ REORDER_WINDOW = 4                     # decoded frames held to sort slightly un
 MAX_DEMUX_ERRORS = 32                  # consecutive container read errors before we stop
 DEFAULT_STEP = Fraction(1, 25)         # pts step for frames without pts, rate unknown
 CONVERT_AHEAD = 4                      # frames converted on the helper thread ahead of the consumer
-SKIP_NONREF_CODECS = ("h264", "hevc")
-HELPER_NICENESS = 10  # codecs whose unused non-reference frames are skipped
+SKIP_NONREF_CODECS = ("h264", "hevc")  # codecs whose unused non-reference frames are skipped
+HELPER_NICENESS = 10                   # added to the nice value of the conversion/encoding helper thread
 
 
 class VideoError(RuntimeError):
@@ -93,7 +93,8 @@ class Frame:
     pts_s: float                # source pts of the frame chosen for this slot, seconds
     image: np.ndarray           # (H, W, 3) uint8 RGB, upright, short side == short_side;
                                 # repeated slots share one array: copy before writing into it
-    data: Any = None            # encode(image) when open_video got ``encode`` (shared by repeated slots)
+    data: Any = None            # encode(image) when open_video got ``encode`` and ``encode_if(index)`` held
+                                # for the first slot showing this image (repeats share it); else None
 
 
 def _check_path(path: str) -> None:
@@ -182,11 +183,11 @@ class _PyAVDecoder:
     backend = "pyav"
 
     def __init__(self, path: str, fps: float | None, short_side: int | None, threads: int,
-                 encode: Callable[[np.ndarray], Any] | None = None):
+                 encode: Callable[[np.ndarray], Any] | None = None, encode_if: Callable[[int], bool] | None = None):
         import av
         from av.video.reformatter import Interpolation, VideoReformatter
 
-        self.path, self.closed, self._encode = path, False, encode
+        self.path, self.closed, self._encode, self._encode_if = path, False, encode, encode_if
         self.frames_decoded = self.frames_read = self.frames_dropped = 0
         self._errors: list[str] = []
         self._resampler = Resampler(fps)
@@ -293,12 +294,12 @@ class _PyAVDecoder:
                                         threads=th).to_ndarray()
         return np.ascontiguousarray(np.rot90(img, self._rot_k)) if self._rot_k else img
 
-    def _convert_encode(self, f) -> tuple[np.ndarray, Any]:
+    def _convert_encode(self, f, encode: bool) -> tuple[np.ndarray, Any]:
         img = self._convert(f)
-        return img, (self._encode(img) if self._encode is not None else None)
+        return img, (self._encode(img) if encode else None)
 
     def __iter__(self) -> Iterator[Frame]:
-        # Conversion (swscale releases the GIL) and the caller's ``encode`` (PIL releases it too) run
+        # Conversion (swscale releases the GIL) and the caller's ``encode`` (OpenCV releases it too) run
         # on one helper thread, CONVERT_AHEAD frames behind the decoder: serial, conversion took 23%
         # of the wall time of cockatoo.mp4 at 4 fps / 256 px; encoding on a second helper thread
         # instead of this one cost 3% more wall time (one more hand-off per frame, more switching).
@@ -311,7 +312,8 @@ class _PyAVDecoder:
             for t, f in self._ordered():
                 for k, tk, chosen in self._resampler.push(t, f):
                     if chosen is not last:   # a repeated slot (source slower than fps) shares the image
-                        last, fut = chosen, pool.submit(self._convert_encode, chosen)
+                        encode = self._encode is not None and (self._encode_if is None or self._encode_if(k))
+                        last, fut = chosen, pool.submit(self._convert_encode, chosen, encode)
                     pending.append((k, tk, fut))
                 while len(pending) > CONVERT_AHEAD:
                     k, tk, done = pending.popleft()
@@ -331,10 +333,10 @@ class _DecordDecoder:
     backend = "decord"
 
     def __init__(self, path: str, fps: float | None, short_side: int | None, threads: int,
-                 encode: Callable[[np.ndarray], Any] | None = None):
+                 encode: Callable[[np.ndarray], Any] | None = None, encode_if: Callable[[int], bool] | None = None):
         import decord
 
-        self.path, self.closed, self._encode = path, False, encode
+        self.path, self.closed, self._encode, self._encode_if = path, False, encode, encode_if
         self.frames_decoded = self.frames_read = self.frames_dropped = self.decode_errors = 0
         try:   # codec, time base and rotation, which decord does not report: PyAV, one frame
             hdr = _PyAVDecoder(path, None, None, threads)
@@ -387,7 +389,8 @@ class _DecordDecoder:
                 if img.shape != (self._size[1], self._size[0], 3):
                     raise VideoError(f"{self.path}: decord returned a {img.shape} frame, expected "
                                      f"{(self._size[1], self._size[0], 3)} (use backend pyav)")
-                data = self._encode(img) if self._encode is not None else None
+                wanted = self._encode is not None and (self._encode_if is None or self._encode_if(k))
+                data = self._encode(img) if wanted else None
             yield Frame(k, float(tk), img, data)   # repeated slots share the image
 
     def close(self) -> None:
@@ -396,15 +399,15 @@ class _DecordDecoder:
 
 
 def _open(path: str, fps: float | None, short_side: int | None, backend: str, threads: int,
-          encode: Callable[[np.ndarray], Any] | None = None):
+          encode: Callable[[np.ndarray], Any] | None = None, encode_if: Callable[[int], bool] | None = None):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if short_side is not None and short_side < 1:
         raise ValueError(f"short_side must be >= 1 or None, got {short_side}")
     if backend == "decord":
-        return _DecordDecoder(path, fps, short_side, threads, encode)
+        return _DecordDecoder(path, fps, short_side, threads, encode, encode_if)
     try:
-        return _PyAVDecoder(path, fps, short_side, threads, encode)
+        return _PyAVDecoder(path, fps, short_side, threads, encode, encode_if)
     except _NoFrameError as e:
         if backend == "pyav":
             raise
@@ -413,15 +416,15 @@ def _open(path: str, fps: float | None, short_side: int | None, backend: str, th
         except ImportError:
             raise e from None
         try:
-            return _DecordDecoder(path, fps, short_side, threads, encode)
+            return _DecordDecoder(path, fps, short_side, threads, encode, encode_if)
         except VideoError as e2:
             raise VideoError(f"{e} [decord fallback: {e2}]") from e
 
 
 @contextlib.contextmanager
 def open_video(path: str | os.PathLike, fps: float | None = 4.0, short_side: int | None = 256,
-               backend: str = "auto", threads: int = 0,
-               encode: Callable[[np.ndarray], Any] | None = None) -> Iterator[Any]:
+               backend: str = "auto", threads: int = 0, encode: Callable[[np.ndarray], Any] | None = None,
+               encode_if: Callable[[int], bool] | None = None) -> Iterator[Any]:
     """Streaming decoder; iterate it for :class:`Frame` objects. Closed when the block exits.
 
     Attributes: ``info`` (VideoInfo), ``frames_decoded`` (frames the codec produced),
@@ -429,9 +432,10 @@ def open_video(path: str | os.PathLike, fps: float | None = 4.0, short_side: int
     frames/s), ``decode_errors``, ``frames_dropped``, ``backend``, ``closed``.
     ``fps=None`` keeps every frame; ``short_side=None`` keeps the source size.
     ``encode`` (e.g. image -> JPEG bytes) is applied to each chosen image on the decoder's
-    helper thread, overlapping decoding; the result is ``Frame.data``.
+    helper thread, overlapping decoding; the result is ``Frame.data``. ``encode_if(index)``
+    (default: always) says whether the slot that first shows an image needs it encoded.
     """
-    dec = _open(os.fspath(path), fps, short_side, backend, threads, encode)
+    dec = _open(os.fspath(path), fps, short_side, backend, threads, encode, encode_if)
     try:
         yield dec
     finally:

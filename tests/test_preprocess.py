@@ -203,6 +203,19 @@ def test_clip_stride_overlap_and_gaps(tmp_path, corpus):
     assert max(errs) < 3.0
 
 
+def test_frames_in_stride_gaps_are_not_encoded(tmp_path, corpus, monkeypatch):
+    """clip_stride > clip_len: only the frames of clips (and at most a short tail) reach the encoder."""
+    import abvid.pipeline.preprocess as P
+    calls = []
+    real = P.encode_image
+    monkeypatch.setattr(P, "encode_image", lambda img, fmt, quality: calls.append(1) or real(img, fmt, quality))
+    cfg = PreprocessConfig(fps=4.0, clip_stride=6, **SMALL)                 # 12 slots: clips at 0-3 and 6-9
+    row = P.process_video({"path": str(corpus["good0"]), "video_id": "v", "spool": str(tmp_path / "s.spool"),
+                           "annotations": []}, cfg, threads=1)
+    assert row["status"] == "ok" and row["clips"] == 2 and row["frames"] == 12
+    assert len(calls) == 8                                                   # slots 0-3, 6-9; not 4, 5, 10, 11
+
+
 def test_cli_exit_codes(tmp_path, corpus, capsys):
     out = str(tmp_path / "out")
     ok = str(corpus["good0"])

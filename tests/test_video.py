@@ -114,6 +114,10 @@ def test_encode_runs_per_chosen_image_and_repeats_share_it(tmp_path):
     assert all(f.data == f.image.sum() for f in frames)
     assert frames[0].data is frames[1].data
     assert all(f.data is None for f in V.iter_frames(path, fps=4, short_side=32, backend="pyav"))
+    calls.clear()
+    with V.open_video(path, fps=4, short_side=32, backend="pyav", encode=encode, encode_if=lambda k: k >= 4) as dec:
+        frames = list(dec)
+    assert [f.data is not None for f in frames] == [False] * 4 + [True] * 3 and len(calls) == 2
 
 
 def test_slow_source_repeats_share_one_image(tmp_path):
