@@ -265,6 +265,9 @@ def render_into(frames: dict[int, torch.Tensor | np.ndarray], views: Views, out_
     Augmentation: ``augment_view`` per view, in place (the same parameters as ``augment``).
     """
     cv2 = _cv2()
+    if not (out_global.flags.c_contiguous and out_local.flags.c_contiguous):
+        # OpenCV would write a fresh array instead of into a strided dst, silently leaving the slot as it was
+        raise ValueError("render_into needs C-contiguous (n, S, S, 3) output arrays")
     a = views.aug
     n_global = len(out_global)
     mats = _colour_matrices(a) if apply_aug else None

@@ -11,7 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from abvid.pipeline.actions import AUG_DIM, AUG_FIELDS
-from abvid.pipeline.views import ViewSampler, Views, augment, augment_view, decode_frame, pixel_box, render
+from abvid.pipeline.views import (ViewSampler, Views, augment, augment_view, decode_frame, pixel_box, render,
+                                  render_into)
 from conftest import frame_pattern
 
 A = {f: i for i, f in enumerate(AUG_FIELDS)}
@@ -257,6 +258,9 @@ def test_render_resize_rule_bilinear_up_to_2x_area_beyond():
     g, _, _ = render(frames, big, 1, 48, 16)
     block_mean = frames[1][:, :192, :192].double().view(3, 48, 4, 48, 4).mean((2, 4))
     assert (g[0].double() - block_mean).abs().max() <= 1
+    with pytest.raises(ValueError, match="C-contiguous"):                  # a strided slot would stay unwritten
+        render_into(frames, big, np.empty((1, 48, 48, 3), np.uint8).transpose(0, 2, 1, 3), np.empty((0, 16, 16, 3),
+                                                                                                    np.uint8))
     same = _views([[0, 0, 1, 1]], [0])                                   # crop already at the output size
     g, _, _ = render({0: frames[0][:, :32, :32].contiguous()}, same, 1, 32, 16)
     assert torch.equal(g[0], frames[0][:, :32, :32])
