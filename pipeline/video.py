@@ -305,7 +305,7 @@ class _PyAVDecoder:
         # instead of this one cost 3% more wall time (one more hand-off per frame, more switching).
         # The helper runs at nice +10 (``_lower_priority``): the decoder is the critical path and the
         # helper has CONVERT_AHEAD frames of slack, so it should use the cycles the decoder leaves.
-        # bench preprocess on cockatoo.mp4: 0.84-0.87 at equal priority (4 runs), 0.86-0.96 so (13 runs).
+        # bench preprocess on cockatoo.mp4: 0.84-0.87 at equal priority (4 runs), 0.86-0.96 so (15 runs).
         pending: deque = deque()                 # (index, pts, Future[(image, data)]) in output order
         last, fut = None, None
         with ThreadPoolExecutor(max_workers=1, initializer=_lower_priority) as pool:
