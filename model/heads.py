@@ -32,6 +32,25 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient is summed over ranks too (every rank's loss depends on every input).
+    Written out because torch.distributed.nn.functional.all_reduce is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class BatchNormAnyShape(nn.BatchNorm1d):
     """BatchNorm1d over the last axis of (..., C): statistics over every leading position.
 
@@ -49,8 +68,7 @@ class BatchNormAnyShape(nn.BatchNorm1d):
         return super().forward(flat).view(x.shape)
 
     def _global_batch_norm(self, flat: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         f = flat.float()
         sums = all_reduce(torch.cat([f.sum(0), f.new_full((1,), f.shape[0])]))      # sum over ranks
         count = sums[-1]

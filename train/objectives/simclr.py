@@ -31,21 +31,41 @@ from .bootstrap import scored
 def gather_views(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(N, ...) -> ((world * N, ...) rows of every rank in rank order, this rank's first row); identity outside DDP.
 
-    With ``x.requires_grad`` the gather is differentiable (torch.distributed.nn): each rank's rows get the
+    With ``x.requires_grad`` the gather is differentiable (``_AllGatherRows``): each rank's rows get the
     gradients of every rank's loss; DDP's averaging then makes it the gradient of the mean loss.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    x = x.contiguous()
-    if x.requires_grad:
-        from torch.distributed.nn.functional import all_gather
-        parts = list(all_gather(x))
-    else:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-    return torch.cat(parts), dist.get_rank() * x.shape[0]
+    rows = _AllGatherRows.apply(x) if x.requires_grad else _gather_rows(x)
+    return rows, dist.get_rank() * x.shape[0]
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Differentiable all_gather (torch.distributed.nn's is deprecated): the gradient of this rank's rows
+    is summed over every rank's use of them (an all-reduce of the whole gradient, then this rank's slice;
+    the rows are few: B * n embeddings)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return _gather_rows(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def self_mask(B: int, n: int, device: torch.device, columns: int | None = None, offset: int = 0) -> torch.Tensor:
