@@ -31,9 +31,8 @@ Why ``auto`` prefers PyAV (DESIGN.md says decord first)
     H.264, 280 frames) decode-only 0.50 s, PyAV backend 0.58-0.62 s (ratio 0.85-0.87),
     decord backend 0.69-0.71 s (0.75-0.79). mmaction2/test.mp4 (B-frames): PyAV 1.15x the
     decode-only bound (unused frames skipped); big_buck_bunny_0_30.webm (VP8) 0.80.
-    decord also rejects GIF and AV1 here. So ``auto`` uses PyAV and falls back to decord
-    (its own FFmpeg build) per file only when PyAV finds a video stream but decodes no
-    frame. decord 0.6 does honour rotation metadata (tests compare both backends).
+    decord also rejects GIF and AV1 here. So ``auto`` uses PyAV and falls back to decord (its own
+    FFmpeg build, which honours rotation too) per file only when PyAV decodes no frame of a stream.
 
 Errors: a corrupt packet is skipped and counted in ``decode_errors``; a file that yields no
 frame raises :class:`VideoError` naming the file and the reason. The decoder is closed when
@@ -46,6 +45,7 @@ import heapq
 import itertools
 import os
 import re
+import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -93,8 +93,7 @@ class Frame:
     pts_s: float                # source pts of the frame chosen for this slot, seconds
     image: np.ndarray           # (H, W, 3) uint8 RGB, upright, short side == short_side;
                                 # repeated slots share one array: copy before writing into it
-    data: Any = None            # encode(image) when open_video got ``encode`` and ``encode_if(index)`` held
-                                # for the first slot showing this image (repeats share it); else None
+    data: Any = None            # encode(image) if open_video's encode_if held for its first slot, else None
 
 
 def _check_path(path: str) -> None:
@@ -171,12 +170,14 @@ def decode_only(path: str | os.PathLike, threads: int = 0) -> int:
 
 
 def _lower_priority() -> None:
-    """Lower this thread's scheduling priority by HELPER_NICENESS (Linux: threads have their own nice value)."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HELPER_NICENESS))
-    except (AttributeError, OSError):   # not Linux, or not permitted: run at the normal priority
-        pass
+    """Raise this thread's nice value by HELPER_NICENESS (Linux; elsewhere PRIO_PROCESS takes a process id).
+
+    For the decoder's helper: decoding is the critical path, the helper has CONVERT_AHEAD frames of
+    slack (bench preprocess on cockatoo.mp4, back to back: 0.84-0.87 -> 0.87-0.91)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):    # not permitted: stay at the normal priority
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HELPER_NICENESS))
 
 
 class _PyAVDecoder:
@@ -275,13 +276,10 @@ class _PyAVDecoder:
     def _convert(self, f) -> np.ndarray:
         """Scale + convert one frame to (h, w, 3) RGB, upright.
 
-        Planar YUV is scaled into 8-bit 4:2:0 first (``yuvj420p`` for full-range sources), then
-        converted at the small size: swscale's one-pass scale-to-rgb24 took 3.7 ms per 720p yuv420p
-        frame here against 1.1 ms for the two steps (same mean colour; chroma edges differ by a few
-        levels). Other YUV layouts (4:4:4, 4:2:2, 10-bit) go to 4:2:0 in the scaling step because
-        swscale's yuv420p -> rgb24 path is SIMD (0.04 ms at 455x256) and its 4:4:4 one is not
-        (0.35 ms): cockatoo.mp4 (720p yuv444p) 0.85 vs 1.16 ms per frame. The chroma lost is the
-        chroma the JPEG/WebP encoders drop anyway (both store 4:2:0 by default).
+        Planar YUV is scaled into 8-bit 4:2:0 (``yuvj420p`` if full-range), then converted at the small
+        size: one-pass scale-to-rgb24 took 3.7 ms per 720p yuv420p frame against 1.1 ms for the two
+        steps. 4:4:4 / 4:2:2 / 10-bit go to 4:2:0 too: swscale's yuv420p -> rgb24 is SIMD (0.04 ms at
+        455x256, 0.35 from 4:4:4; cockatoo.mp4 0.85 vs 1.16 ms per frame), and JPEG/WebP store 4:2:0.
         """
         w, h, th = *self._size, self._sws_threads
         name = f.format.name
@@ -300,12 +298,9 @@ class _PyAVDecoder:
 
     def __iter__(self) -> Iterator[Frame]:
         # Conversion (swscale releases the GIL) and the caller's ``encode`` (OpenCV releases it too) run
-        # on one helper thread, CONVERT_AHEAD frames behind the decoder: serial, conversion took 23%
-        # of the wall time of cockatoo.mp4 at 4 fps / 256 px; encoding on a second helper thread
-        # instead of this one cost 3% more wall time (one more hand-off per frame, more switching).
-        # The helper runs at nice +10 (``_lower_priority``): the decoder is the critical path and the
-        # helper has CONVERT_AHEAD frames of slack, so it should use the cycles the decoder leaves.
-        # bench preprocess on cockatoo.mp4: 0.84-0.87 at equal priority (4 runs), 0.86-0.96 so (15 runs).
+        # on one low-priority helper thread, CONVERT_AHEAD frames behind the decoder: serial, conversion
+        # took 23% of the wall time of cockatoo.mp4 at 4 fps / 256 px; encoding on a second helper
+        # cost 3% more wall time (one more hand-off per frame).
         pending: deque = deque()                 # (index, pts, Future[(image, data)]) in output order
         last, fut = None, None
         with ThreadPoolExecutor(max_workers=1, initializer=_lower_priority) as pool:
@@ -431,9 +426,8 @@ def open_video(path: str | os.PathLike, fps: float | None = 4.0, short_side: int
     ``frames_read`` (source frames read, decoded or skipped as unused: use it for source
     frames/s), ``decode_errors``, ``frames_dropped``, ``backend``, ``closed``.
     ``fps=None`` keeps every frame; ``short_side=None`` keeps the source size.
-    ``encode`` (e.g. image -> JPEG bytes) is applied to each chosen image on the decoder's
-    helper thread, overlapping decoding; the result is ``Frame.data``. ``encode_if(index)``
-    (default: always) says whether the slot that first shows an image needs it encoded.
+    ``encode`` (e.g. image -> JPEG bytes) runs on the decoder's helper thread into ``Frame.data`` for
+    each image whose first slot passes ``encode_if(index)`` (default: all); repeats share it.
     """
     dec = _open(os.fspath(path), fps, short_side, backend, threads, encode, encode_if)
     try:
