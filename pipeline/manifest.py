@@ -3,7 +3,7 @@
 One manifest row per input video, keyed by its path and naming it by :func:`video_id`
 (the key stem of its clips). ``pipeline/preprocess.py`` fills the rows, keeps them in input
 order (:func:`in_input_order`) and sums them into :class:`Stats`; the manifest file itself
-(append, rewrite, crash recovery) is ``shardwriter.Manifest``.
+(append, rewrite, torn-row tolerance) is :class:`Manifest`; shardwriter.py's commit protocol writes it.
 
 File names (:func:`run_files`): ``manifest.jsonl``, ``stats.json`` and ``preprocess.json``
 (the output settings a resume must match) for the default prefix ``shard``; with
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -113,3 +114,54 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Manifest:
+    """``manifest.jsonl``: one JSON row per input; appended with fsync, compacted to the last row per path."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        """Last row per path. A torn line (kill during a write) is skipped: its commit file replays it."""
+        rows: dict[str, dict] = {}
+        if not self.path.exists():
+            return rows
+        with open(self.path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    warnings.warn(f"{self.path}:{n}: skipping a torn manifest row (interrupted write)")
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("path"), str):
+                    # a "skipped" row (duplicate input) never hides the real row of the same path
+                    if row.get("status") != "skipped" or row["path"] not in rows:
+                        rows[row["path"]] = row
+        return rows
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace the file atomically (temp, fsync, rename)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)

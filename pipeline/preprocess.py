@@ -47,7 +47,7 @@ from abvid.pipeline import shardwriter
 from abvid.pipeline.annotations import load_annotations, overlapping
 from abvid.pipeline.inputs import VIDEO_EXTENSIONS, expand_inputs, slice_inputs
 from abvid.pipeline.isolation import IsolatedPool
-from abvid.pipeline.manifest import (ROW_FIELDS, Stats, in_input_order, manifest_row, run_files, run_stats,
+from abvid.pipeline.manifest import (ROW_FIELDS, Manifest, Stats, in_input_order, manifest_row, run_files, run_stats,
                                      video_id, write_json)
 from abvid.pipeline.shardwriter import SpoolWriter
 
@@ -258,7 +258,7 @@ def run_preprocess(inputs: list[str], out_dir: str | Path, cfg: PreprocessConfig
     lock = _lock(out / f".{prefix}.lock")
     try:
         _check_settings(out / settings_name, cfg)
-        manifest = shardwriter.Manifest(out / manifest_name)
+        manifest = Manifest(out / manifest_name)
         rows, next_index = shardwriter.recover(out, prefix, manifest)
         rows = {p: r for p, r in rows.items() if r.get("status") != "skipped"}  # skips are redone below
         manifest.rewrite(in_input_order(items, rows, []))  # compact: one row per path, torn lines gone

@@ -29,6 +29,8 @@ import tarfile
 import warnings
 from pathlib import Path
 
+from abvid.pipeline.manifest import Manifest, fsync_dir
+
 BLOCK = 512
 
 
@@ -65,59 +67,8 @@ class SpoolWriter:
         self.close()
 
 
-def fsync_dir(folder: str | Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def shard_pattern(prefix: str) -> re.Pattern:
     return re.compile(rf"^{re.escape(prefix)}-(\d{{6,}})\.tar$")
-
-
-class Manifest:
-    """``manifest.jsonl``: one JSON row per input; appended with fsync, compacted to the last row per path."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def load(self) -> dict[str, dict]:
-        """Last row per path. A torn line (kill during a write) is skipped: its commit file replays it."""
-        rows: dict[str, dict] = {}
-        if not self.path.exists():
-            return rows
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    warnings.warn(f"{self.path}:{n}: skipping a torn manifest row (interrupted write)")
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("path"), str):
-                    # a "skipped" row (duplicate input) never hides the real row of the same path
-                    if row.get("status") != "skipped" or row["path"] not in rows:
-                        rows[row["path"]] = row
-        return rows
-
-    def append(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def rewrite(self, rows: list[dict]) -> None:
-        """Replace the file atomically (temp, fsync, rename)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
 
 
 class ShardWriter:

@@ -6,7 +6,8 @@ import tarfile
 
 import pytest
 
-from abvid.pipeline.shardwriter import Manifest, ShardWriter, SpoolWriter, recover, tar_member
+from abvid.pipeline.manifest import Manifest
+from abvid.pipeline.shardwriter import ShardWriter, SpoolWriter, recover, tar_member
 
 
 def _spool(path, key: str, n: int = 2) -> str:
