@@ -7,6 +7,11 @@ types fail loudly with the dotted key and the nearest valid name.
 
     cfg = load_config(PretrainConfig, "examples/configs/tiny_cpu.yaml", ["train.steps=10"])
     save_config(cfg, run_dir / "config.yaml")
+
+This is the generic core (no abvid settings in it); it lives in ``pipeline/``, the bottom
+of the import graph, so ``train/`` and ``tools/`` both import it downwards. The settings
+themselves stay beside their code (``pipeline.loader.DataConfig``, ``model.ModelConfig``,
+``train.objectives.ObjectiveConfig``, ``train.config.TrainConfig``).
 """
 from __future__ import annotations
 
@@ -20,12 +25,14 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from abvid.pipeline.errors import UsageError
+
 T = TypeVar("T")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or gives a value of the wrong type."""
+class ConfigError(UsageError):
+    """A config file or override names an unknown key or gives a value of the wrong type (exit 2)."""
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -144,7 +151,10 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value is not valid YAML (quote it: {key}='...')") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -162,7 +172,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:      # syntax error, a tab for indentation, ...
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML ({what} at{where or ' an unknown place'}); "
+                              "YAML indents with spaces, never tabs") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} cannot be read: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of overrides, got {type(data).__name__}")
         try:

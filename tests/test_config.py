@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from abvid.tools.config import ConfigError, load_config, merge, parse_overrides, save_config, to_dict
+from abvid.pipeline.config import ConfigError, load_config, merge, parse_overrides, save_config, to_dict
 
 
 @dataclass(frozen=True)

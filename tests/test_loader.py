@@ -15,7 +15,7 @@ from abvid.pipeline.actions import AUG_DIM, pairwise_actions
 from abvid.pipeline.loader import DataConfig, build_dataset, build_loader, clip_id, collate
 from abvid.pipeline.source import SampleSkipped
 from abvid.pipeline.views import ViewSampler
-from abvid.tools.config import merge
+from abvid.pipeline.config import merge
 from conftest import write_test_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated", "ignore::DeprecationWarning")

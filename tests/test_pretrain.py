@@ -111,7 +111,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: str, run_dir: str, ext
                       MASTER_PORT=str(port))
     from abvid.model import encoder_kwargs
     from abvid.pipeline.loader import build_loader
-    from abvid.tools.config import load_config, to_dict
+    from abvid.pipeline.config import load_config, to_dict
     from abvid.train import dist
     from abvid.train.config import PretrainConfig
     from abvid.train.loop import seed_everything, train
@@ -196,7 +196,7 @@ def test_tiny_cpu_config_loss_falls(tmp_path):
 def test_bf16_autocast_step_on_cuda(shards, tmp_path):
     from abvid.model import encoder_kwargs
     from abvid.pipeline.loader import build_loader
-    from abvid.tools.config import load_config, to_dict
+    from abvid.pipeline.config import load_config, to_dict
     from abvid.train import dist
     from abvid.train.config import PretrainConfig
     from abvid.train.loop import seed_everything, train
@@ -238,7 +238,7 @@ def test_torchrun_nccl_ddp_on_one_gpu(shards, tmp_path):
 
 
 def test_view_sizes_checked_against_the_patch_grid_before_training(shards, tmp_path):
-    from abvid.tools.config import ConfigError, load_config
+    from abvid.pipeline.config import ConfigError, load_config
     from abvid.train.config import PretrainConfig, check_sizes
 
     def cfg(*extra):

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if fn is None:
         parser.print_help()
         return EXIT_USAGE
-    from abvid.tools.config import ConfigError
+    from abvid.pipeline.config import ConfigError
     try:
         return int(fn(args) or 0)
     except ConfigError as e:

@@ -203,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     sampler = None
     if args.out:   # read the config first: a bad key fails before the scan (ConfigError -> exit 2 in cli.py)
-        from abvid.tools.config import load_config
+        from abvid.pipeline.config import load_config
         from abvid.train.config import PretrainConfig
         sampler = load_config(PretrainConfig, args.config, args.overrides).data.view_sampler()
     stats, clips = scan(urls)

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import yaml
 
-    from abvid.tools.config import ConfigError, load_config, to_dict
+    from abvid.pipeline.config import ConfigError, load_config, to_dict
     from abvid.train.config import PretrainConfig, check_sizes, validate
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)

@@ -89,7 +89,7 @@ steps, batch = int(os.environ.get("BENCH_STEPS", 60)), int(os.environ.get("BENCH
 cfg_file = Path("examples/configs/vit_s16_1gpu.yaml")
 try:
     import yaml
-    from abvid.tools.config import merge
+    from abvid.pipeline.config import merge
     over = yaml.safe_load(cfg_file.read_text())
 except ImportError:  # no PyYAML: the dataclass defaults (ViT-S/16 AB_DINO) plus BENCH_OVERRIDES
     over = {}

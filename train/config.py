@@ -2,7 +2,7 @@
 
 Defaults live here in frozen dataclasses; a YAML file (``examples/configs/``)
 holds only overrides and ``--set train.steps=100`` overrides the file
-(``abvid.tools.config``). The resolved :class:`PretrainConfig` is written to
+(``abvid.pipeline.config``). The resolved :class:`PretrainConfig` is written to
 ``RUN_DIR/config.yaml`` and into every checkpoint.
 
 Batch size and learning rate (DINO convention):
@@ -70,7 +70,7 @@ class PretrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Reject values the loop cannot run with; messages name the key and the fix."""
-    from abvid.tools.config import ConfigError
+    from abvid.pipeline.config import ConfigError
 
     checks = [
         (cfg.steps >= 0, "train.steps must be >= 0"),
@@ -93,7 +93,7 @@ def validate(cfg: TrainConfig) -> None:
 def check_sizes(cfg: PretrainConfig) -> list[str]:
     """View sizes against the model. Raises ConfigError for a size the patch grid cannot tile (the first
     training step would fail, after the workers started); returns warnings for settings that only cost time."""
-    from abvid.tools.config import ConfigError
+    from abvid.pipeline.config import ConfigError
 
     p = cfg.model.patch_size
     sizes = [("data.global_size", cfg.data.global_size)]

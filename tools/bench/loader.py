@@ -36,7 +36,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from abvid.pipeline.loader import DataConfig, build_dataset, build_loader
 from abvid.tools.bench.common import report
-from abvid.tools.config import merge, parse_overrides
+from abvid.pipeline.config import merge, parse_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -74,7 +74,7 @@ def random_batch(B: int, ng: int, gs: int, nl: int, ls: int, device: str) -> dic
 
 def main(args: argparse.Namespace) -> int:
     from abvid.model import ModelConfig
-    from abvid.tools.config import merge, parse_overrides
+    from abvid.pipeline.config import merge, parse_overrides
     from abvid.train.objectives import ObjectiveConfig, build_objective
     if args.threads:
         torch.set_num_threads(args.threads)
