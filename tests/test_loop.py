@@ -23,7 +23,7 @@ from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from abvid.train import dist
-from abvid.train.checkpoint import list_checkpoints, load_checkpoint
+from abvid.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from abvid.train.loop import train
 from abvid.train.metrics import read_metrics
 
@@ -261,3 +261,12 @@ def test_truncated_newest_checkpoint_resumes_from_previous(tmp_path):
     assert "skipping checkpoint" in log_text and "ckpt-00000012.pt" in log_text
     a, b = losses(full), losses(run)
     assert all(abs(a[k] - b[k]) <= 1e-6 for k in range(1, 13))
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path):
+    run_fake(str(tmp_path), steps=4)
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.05 -> 0\.02") as e:
+        run_fake(str(tmp_path), steps=8, lr=0.02)
+    assert "--no-resume" in str(e.value)
+    s = run_fake(str(tmp_path), steps=8, log_every=2)     # steps and log_every are safe to change
+    assert s["start_step"] == 4 and s["step"] == 8

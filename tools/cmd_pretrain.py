@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
         Path("runs") / f"{Path(args.config).stem if args.config else 'pretrain'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     from abvid.train.checkpoint import CheckpointError
-    from abvid.train.loop import pretrain
+    from abvid.train.pretrain import pretrain
 
     try:
         summary = pretrain(cfg, run_dir, resume=not args.no_resume)

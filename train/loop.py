@@ -20,7 +20,9 @@ functions. One code path for every setting:
 * **resume**: a checkpoint is a plain dict (``train/checkpoint.py``) and a
   resumed run goes through the same code as a fresh one: build everything,
   then load the dict (model + EMA, optimizer, step, epoch, each rank's loader
-  and RNG state). Schedules are pure functions of the step. With the same
+  and RNG state). A resolved config that differs from the run's in any key but
+  ``SAFE_TO_CHANGE`` (how long, how often, where) is refused with the keys named:
+  a rerun with another ``objective.gamma`` must not quietly continue the old run. Schedules are pure functions of the step. With the same
   world size a resumed run on CPU repeats an uninterrupted run's losses
   exactly (tested); RNG and loader states of a different world size are not
   restored (a warning says so).
@@ -33,9 +35,15 @@ functions. One code path for every setting:
   (``model/heads.BatchNormAnyShape``, SyncBatchNorm's rule); the running stats
   are therefore the same on every rank.
 * **NaN/inf guard**: a step with a non-finite loss or gradient norm (any rank)
-  is skipped (no optimizer or EMA update), logged as an ``event`` row, and
+  is skipped (no optimizer, EMA or family-state update: DINO's centre moves in
+  ``update_teacher``, after the check), logged as an ``event`` row, and
   ``train.max_bad_steps`` of them in a row stop the run (``status="diverged"``,
   CLI exit 3).
+
+Layout: ``train_step`` is one step (forward, backward, clip, guard, update);
+``_Bookkeeping`` records metrics, bad-step streaks and progress; ``_resume`` and
+``_saver`` read and write checkpoints; ``train`` sequences them. Building the
+objective and loader from a config is ``train/pretrain.py``.
 
 Determinism: every rank seeds python/numpy/torch with ``train.seed`` before
 the objective is built (identical init), then ``seed + rank``. CPU runs with
@@ -55,7 +63,7 @@ import os
 import random
 import signal
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -145,12 +153,20 @@ def _next_batch(loader: Any, it: Iterator, epoch: int) -> tuple[dict, Iterator, 
                                "(and that each rank gets at least one shard)") from None
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+# Keys a resumed run may change: they alter how long, how often or where a run goes, not what it learns.
+# Any other difference between the run's saved config and the resolved one refuses the resume.
+SAFE_TO_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.max_bad_steps",
+                  "train.threads", "train.device", "train.compile", "train.deterministic",
+                  "data.prefetch_factor", "data.pin_memory", "data.shards", "data.allow_pipe")
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees, as 'key: old -> new'."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{k}.")
+            out += config_diff(a, b, f"{prefix}{k}.")
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
@@ -165,6 +181,198 @@ def _start_over(run_dir: Path) -> None:
         log.warning("--no-resume: moved the old checkpoints to %s", aside)
 
 
+@dataclass
+class Resumed:
+    """Where a run starts: step 0 with nothing loaded, or the state of a checkpoint."""
+    step: int = 0
+    epoch: int = 0
+    rng: dict | None = None               # this rank's RNG state, restored once the loader iterates
+    path: Path | None = None              # the checkpoint it came from
+
+
+def _resume(objective: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, ckpt_dir: Path,
+            ctx: dist.DistContext, config: dict) -> Resumed:
+    """Load the newest readable checkpoint into objective, optimizer and loader; refuse a changed config."""
+    found = load_latest(ckpt_dir, map_location="cpu")
+    if found is None:
+        return Resumed()
+    state, path = found
+    changed = [d for d in config_diff(state.get("config") or {}, config)
+               if d.split(":")[0] not in SAFE_TO_CHANGE]
+    if changed:
+        raise CheckpointError(
+            f"{path.parent.parent} holds a run with another config; differing keys: {'; '.join(changed[:8])}"
+            f"{' ...' if len(changed) > 8 else ''}. Resume with the run's own config ({path.parent.parent}/"
+            f"config.yaml), or use another --out or --no-resume to start over. Keys that may change on resume: "
+            f"{', '.join(SAFE_TO_CHANGE)}")
+    try:
+        objective.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} does not fit the model built from this config; use another --out, or "
+                              f"--no-resume to start over: {e}") from e
+    out = Resumed(int(state["step"]), int(state["epoch"]), None, path)
+    same_world = (state.get("rng") or {}).get("world_size") == ctx.world_size
+    loader_state = state.get("loader_state")
+    if same_world:
+        if loader_state is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(loader_state["ranks"][ctx.rank])
+        out.rng = state["rng"]["ranks"][ctx.rank]
+    else:
+        log.warning("checkpoint was written with world size %s, now %d: loader and RNG states are not "
+                    "restored (data order differs from an uninterrupted run)",
+                    (state.get("rng") or {}).get("world_size"), ctx.world_size)
+    safe = config_diff(state.get("config") or {}, config)
+    log.info("resuming from %s at step %d (epoch %d)%s", path, out.step, out.epoch,
+             "; config changes: " + "; ".join(safe) if safe else "")
+    return out
+
+
+def _write_config(run_dir: Path, config: dict) -> None:
+    tmp = run_dir / "config.yaml.tmp"
+    try:
+        import yaml
+        text = yaml.safe_dump(config, sort_keys=False)
+    except ImportError:  # bare GPU host without PyYAML (gpu_check.sh): JSON is valid YAML
+        text = json.dumps(config, indent=2)
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """The scheduled values of one step (pure functions of the step, train/schedules.py)."""
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+
+    @classmethod
+    def at(cls, step: int, tc: Any, base_lr: float) -> "Hparams":
+        return cls(lr=warmup_cosine(step, base_lr, tc.min_lr, tc.steps, tc.warmup_steps),
+                   weight_decay=cosine(step, tc.weight_decay, tc.weight_decay_end, tc.steps),
+                   momentum=cosine(step, tc.momentum, tc.momentum_end, tc.steps),
+                   teacher_temp=linear(step, tc.teacher_temp, tc.teacher_temp_end, tc.teacher_temp_warmup_steps))
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    bad: bool                 # non-finite loss or gradient on some rank: nothing was updated
+    stop: bool                # some rank got SIGTERM / SIGINT
+    metrics: dict[str, float]
+
+
+def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer, params: list,
+               batch: dict, hp: Hparams, clip_grad: float, ctx: dist.DistContext, autocast: Callable[[], Any],
+               stop_requested: bool) -> StepOutcome:
+    """Forward, backward, clip; then optimizer step and teacher/state update unless any rank went non-finite.
+
+    The teacher update (EMA and family state such as DINO's centre) comes after the finiteness check, so a
+    bad step changes nothing that later steps read.
+    """
+    set_hparams(optimizer, hp.lr, hp.weight_decay)
+    with autocast():
+        loss, metrics = model(batch, hp.teacher_temp)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
+    # One collective per step: did any rank see a non-finite value / a stop signal? The
+    # reduced flags, this rank's loss and grad norm then reach the host in one transfer.
+    device = loss.device
+    flags = torch.stack([~torch.isfinite(loss.detach().float()) | ~torch.isfinite(gnorm),
+                         torch.tensor(stop_requested, device=device)]).float()
+    flags = dist.all_reduce_max(ctx, flags)
+    bad_f, stop_f, loss_v, gnorm_v = torch.cat(
+        [flags, torch.stack([loss.detach().float(), gnorm.detach().float()])]).tolist()
+    if bad_f:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        objective.update_teacher(hp.momentum)
+    return StepOutcome(loss_v, gnorm_v, bool(bad_f), bool(stop_f), metrics)
+
+
+def _wrap(objective: nn.Module, ctx: dist.DistContext, tc: Any) -> nn.Module:
+    """The module the step calls: the loss call, under DDP when distributed, compiled when asked."""
+    model: nn.Module = _LossCall(objective)
+    if ctx.distributed:
+        device = ctx.device
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=tc.find_unused_parameters)
+    if tc.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _saver(objective: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, ctx: dist.DistContext,
+           ckpt_dir: Path, config: dict, encoder_kwargs: dict, keep_last: int) -> Callable[[int, int], Path | None]:
+    """``save(step, epoch)``: gather every rank's loader and RNG state; rank 0 writes the plain-dict checkpoint."""
+    def save(step: int, epoch: int) -> Path | None:
+        loader_states = dist.gather_objects(ctx, loader.state_dict() if hasattr(loader, "state_dict") else None)
+        rngs = dist.gather_objects(ctx, capture_rng())
+        path = None
+        if ctx.is_main:
+            ckpt = {"model": objective.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
+                    "step": step, "epoch": epoch,
+                    "loader_state": None if loader_states[0] is None else
+                    {"world_size": ctx.world_size, "ranks": loader_states},
+                    "rng": {"world_size": ctx.world_size, "ranks": rngs},
+                    "config": config, "encoder_kwargs": dict(encoder_kwargs)}
+            path = save_checkpoint(ckpt, ckpt_dir, step, keep_last)
+            log.info("saved checkpoint %s", path)
+        dist.barrier(ctx)
+        return path
+    return save
+
+
+class _Bookkeeping:
+    """Everything the loop records about steps: metrics rows, progress, bad-step streaks, the summary."""
+
+    def __init__(self, writer: MetricsWriter, ctx: dist.DistContext, tc: Any, step: int):
+        self.writer, self.ctx, self.tc = writer, ctx, tc
+        self.meter, self.shown = IntervalMeter(), step
+        self.bad_in_row = self.total_bad = 0
+        self.last_row: dict[str, Any] = {}
+        self.last_ckpt: Path | None = None
+
+    def record(self, out: StepOutcome, step: int, views: int, data_s: float) -> bool:
+        """Account for the step that just ended at ``step``; True when too many bad steps in a row."""
+        if not out.bad:
+            self.bad_in_row = 0
+            self.meter.add({"loss": out.loss, **{k: v for k, v in out.metrics.items() if k != "loss"},
+                            "grad_norm": out.grad_norm}, views, data_s)
+            return False
+        self.bad_in_row += 1
+        self.total_bad += 1
+        log.warning("step %d: non-finite loss %.4g or grad norm %.4g; step skipped (%d in a row, stop at %d)",
+                    step - 1, out.loss, out.grad_norm, self.bad_in_row, self.tc.max_bad_steps)
+        self.writer.write({"step": step, "event": "skipped_nonfinite", "loss": out.loss, "grad_norm": out.grad_norm})
+        if self.bad_in_row < self.tc.max_bad_steps:
+            return False
+        log.error("%d non-finite steps in a row at step %d: stopping (lower train.lr, raise train.warmup_steps or "
+                  "check the data); last good checkpoint: %s", self.bad_in_row, step, self.last_ckpt)
+        return True
+
+    def log_interval(self, step: int, epoch: int, hp: Hparams, loss: float) -> None:
+        """One metrics row for the steps since the last one (loss averaged over ranks), and the progress bar."""
+        if self.meter.steps:
+            s = self.meter.summary()
+            s["loss"] = float(dist.all_reduce_mean(self.ctx, torch.tensor(s["loss"], device=self.ctx.device)))
+            self.last_row = {"step": step, "epoch": epoch, **s, "lr": hp.lr, "weight_decay": hp.weight_decay,
+                             "momentum": hp.momentum, "teacher_temp": hp.teacher_temp}
+            self.writer.write(self.last_row)
+        self.writer.advance(step - self.shown, self.last_row.get("loss", loss), self.last_row.get("views_per_s"))
+        self.shown = step
+        self.meter.reset()
+
+    def summary(self) -> dict[str, Any]:
+        return {"bad_steps": self.total_bad, "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+                **{k: self.last_row[k] for k in ("views_per_s", "step_time_s", "data_wait_frac") if k in self.last_row}}
+
+
 def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: dist.DistContext,
           config: dict, encoder_kwargs: dict | None = None, resume: bool = True,
           on_device: Callable[[dict], dict] | None = None) -> dict:
@@ -177,7 +385,6 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
     ``on_device(batch)`` runs on each batch after it reached the device (GPU augmentation).
     """
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier(ctx)
@@ -193,91 +400,34 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
     base_lr = scaled_lr(tc.lr, global_batch) if tc.scale_lr else tc.lr
     optimizer = build_optimizer(objective, base_lr, tuple(tc.betas), fused=device.type == "cuda")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    step, epoch, rng_state = 0, 0, None
-    found = load_latest(ckpt_dir, map_location="cpu") if resume else None
-    if found is not None:
-        state, path = found
-        try:
-            objective.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path} does not fit the model built from this config (were model.* or "
-                                  f"objective.* changed? {_config_diff(state.get('config') or {}, config)[:5]}); "
-                                  f"use another --out, or --no-resume to start over: {e}") from e
-        step, epoch = int(state["step"]), int(state["epoch"])
-        same_world = (state.get("rng") or {}).get("world_size") == ctx.world_size
-        loader_state = state.get("loader_state")
-        if same_world and loader_state is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(loader_state["ranks"][ctx.rank])
-        if same_world:
-            rng_state = state["rng"]["ranks"][ctx.rank]
-        else:
-            log.warning("checkpoint was written with world size %s, now %d: loader and RNG states are not "
-                        "restored (data order differs from an uninterrupted run)",
-                        (state.get("rng") or {}).get("world_size"), ctx.world_size)
-        changed = _config_diff(state.get("config") or {}, config)
-        log.info("resuming from %s at step %d (epoch %d)%s", path, step, epoch,
-                 "; config changes: " + "; ".join(changed) if changed else "")
-        del state
-    else:
+    start = _resume(objective, optimizer, loader, run_dir / "checkpoints", ctx, config) if resume else Resumed()
+    if start.path is None:
         log.info("starting a new run in %s: %d steps, global batch %d (%d x %d ranks), lr %.3g",
                  run_dir, tc.steps, global_batch, tc.batch_size, ctx.world_size, base_lr)
     if ctx.is_main:
-        tmp = run_dir / "config.yaml.tmp"
-        try:
-            import yaml
-            text = yaml.safe_dump(config, sort_keys=False)
-        except ImportError:  # bare GPU host without PyYAML (gpu_check.sh): JSON is valid YAML
-            text = json.dumps(config, indent=2)
-        tmp.write_text(text)
-        os.replace(tmp, run_dir / "config.yaml")
-
-    model: nn.Module = _LossCall(objective)
-    if ctx.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=tc.find_unused_parameters)
-    if tc.compile:
-        model = torch.compile(model)
+        _write_config(run_dir, config)
+    model = _wrap(objective, ctx, tc)
     autocast: Callable[[], Any] = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and tc.amp
         else contextlib.nullcontext)
+    save = _saver(objective, optimizer, loader, ctx, run_dir / "checkpoints", config, encoder_kwargs or {},
+                  tc.keep_last)
 
-    def save(at_step: int) -> Path | None:
-        loader_states = dist.gather_objects(ctx, loader.state_dict() if hasattr(loader, "state_dict") else None)
-        rngs = dist.gather_objects(ctx, capture_rng())
-        path = None
-        if ctx.is_main:
-            ckpt = {"model": objective.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
-                    "step": at_step, "epoch": epoch,
-                    "loader_state": None if loader_states[0] is None else
-                    {"world_size": ctx.world_size, "ranks": loader_states},
-                    "rng": {"world_size": ctx.world_size, "ranks": rngs},
-                    "config": config, "encoder_kwargs": dict(encoder_kwargs or {})}
-            path = save_checkpoint(ckpt, ckpt_dir, at_step, tc.keep_last)
-            log.info("saved checkpoint %s", path)
-        dist.barrier(ctx)
-        return path
-
-    writer = MetricsWriter(run_dir, ctx.is_main, tc.steps, step)
+    step, epoch, out = start.step, start.epoch, None
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": tc.steps, "start_step": step, "status": "completed",
                                "world_size": ctx.world_size, "backend": ctx.backend, "device": str(device)}
-    last_ckpt, bad_in_row, total_bad, loss_v = None, 0, 0, None
-    last_row: dict[str, Any] = {}
+    books = _Bookkeeping(MetricsWriter(run_dir, ctx.is_main, tc.steps, step), ctx, tc, step)
     try:
         with _StopFlag() as stop:
-            if step >= tc.steps:
-                if found is None:
-                    last_ckpt = save(step)  # train.steps=0: an untrained checkpoint to probe as a baseline
-                else:
-                    log.info("run already complete (step %d of %d)", step, tc.steps)
+            if step >= tc.steps and start.path is None:
+                books.last_ckpt = save(step, epoch)  # train.steps=0: an untrained checkpoint to probe as a baseline
+            elif step >= tc.steps:
+                log.info("run already complete (step %d of %d)", step, tc.steps)
             else:
                 # iter() draws loader seeds from the global RNG (restored from the loader state on resume),
                 # so the RNG is set after it: the next draw is the one an uninterrupted run would make.
                 it = iter(loader)
-                restore_rng(rng_state) if rng_state is not None else seed_everything(tc.seed + ctx.rank)
-            meter, shown = IntervalMeter(), step
+                restore_rng(start.rng) if start.rng is not None else seed_everything(tc.seed + ctx.rank)
             while step < tc.steps:
                 t0 = time.perf_counter()
                 batch, it, epoch = _next_batch(loader, it, epoch)
@@ -286,135 +436,22 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
                 if on_device is not None:
                     batch = on_device(batch)
                 data_s = time.perf_counter() - t0
-
-                lr = warmup_cosine(step, base_lr, tc.min_lr, tc.steps, tc.warmup_steps)
-                wd = cosine(step, tc.weight_decay, tc.weight_decay_end, tc.steps)
-                momentum = cosine(step, tc.momentum, tc.momentum_end, tc.steps)
-                temp = linear(step, tc.teacher_temp, tc.teacher_temp_end, tc.teacher_temp_warmup_steps)
-                set_hparams(optimizer, lr, wd)
-
-                with autocast():
-                    loss, metrics = model(batch, temp)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, tc.clip_grad if tc.clip_grad > 0 else math.inf)
-                # One collective per step: did any rank see a non-finite value / a stop signal? The
-                # reduced flags, this rank's loss and grad norm then reach the host in one transfer.
-                flags = torch.stack([~torch.isfinite(loss.detach().float()) | ~torch.isfinite(gnorm),
-                                     torch.tensor(stop.signum is not None, device=device)]).float()
-                flags = dist.all_reduce_max(ctx, flags)
-                bad_f, stop_f, loss_v, gnorm_v = torch.cat(
-                    [flags, torch.stack([loss.detach().float(), gnorm.detach().float()])]).tolist()
-                bad, stop_any = bool(bad_f), bool(stop_f)
-                if bad:
-                    bad_in_row += 1
-                    total_bad += 1
-                    log.warning("step %d: non-finite loss %.4g or grad norm %.4g; step skipped (%d in a row, "
-                                "stop at %d)", step, loss_v, gnorm_v, bad_in_row, tc.max_bad_steps)
-                    writer.write({"step": step + 1, "event": "skipped_nonfinite", "loss": loss_v,
-                                  "grad_norm": gnorm_v})
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    bad_in_row = 0
-                    optimizer.step()
-                    objective.update_teacher(momentum)
-                    meter.add({"loss": loss_v, **{k: v for k, v in metrics.items() if k != "loss"},
-                               "grad_norm": gnorm_v}, views, data_s)
+                hp = Hparams.at(step, tc, base_lr)
+                out = train_step(model, objective, optimizer, params, batch, hp, tc.clip_grad, ctx, autocast,
+                                 stop.signum is not None)
                 step += 1
-                if bad_in_row >= tc.max_bad_steps:
-                    log.error("%d non-finite steps in a row at step %d: stopping (lower train.lr, raise "
-                              "train.warmup_steps or check the data); last good checkpoint: %s",
-                              bad_in_row, step, last_ckpt)
+                if books.record(out, step, views, data_s):
                     summary["status"] = "diverged"
                     break
-
-                if step % tc.log_every == 0 or step == tc.steps or stop_any:
-                    if meter.steps:
-                        s = meter.summary()
-                        s["loss"] = float(dist.all_reduce_mean(ctx, torch.tensor(s["loss"], device=device)))
-                        last_row = {"step": step, "epoch": epoch, **s, "lr": lr, "weight_decay": wd,
-                                    "momentum": momentum, "teacher_temp": temp}
-                        writer.write(last_row)
-                    writer.advance(step - shown, last_row.get("loss", loss_v), last_row.get("views_per_s"))
-                    shown = step
-                    meter.reset()
-                if step % tc.ckpt_every == 0 or step == tc.steps or stop_any:
-                    last_ckpt = save(step)
-                if stop_any:
-                    summary["status"] = "interrupted"
-                    summary["signal"] = stop.signum
+                if step % tc.log_every == 0 or step == tc.steps or out.stop:
+                    books.log_interval(step, epoch, hp, out.loss)
+                if step % tc.ckpt_every == 0 or step == tc.steps or out.stop:
+                    books.last_ckpt = save(step, epoch)
+                if out.stop:
+                    summary.update(status="interrupted", signal=stop.signum)
                     log.warning("stopped at step %d after a signal; resume with the same command", step)
                     break
     finally:
-        writer.close()
-    summary.update(step=step, epoch=epoch, final_loss=loss_v, bad_steps=total_bad,
-                   checkpoint=str(last_ckpt) if last_ckpt else None,
-                   **{k: last_row[k] for k in ("views_per_s", "step_time_s", "data_wait_frac") if k in last_row})
+        books.writer.close()
+    summary.update(step=step, epoch=epoch, final_loss=out.loss if out else None, **books.summary())
     return summary
-
-
-def augment_on_device(batch: dict) -> dict:
-    """``data.aug_in_loader=false``: colour/blur/solarize on the device from the recorded ``aug`` params."""
-    from abvid.pipeline.views import augment
-
-    out = dict(batch)
-    ng = batch["global"].shape[1]
-    for key, aug in (("global", batch["aug"][:, :ng]), ("local", batch["aug"][:, ng:])):
-        x = batch.get(key)
-        if x is not None and x.shape[1] > 0:
-            out[key] = augment(x.flatten(0, 1), aug.flatten(0, 1)).view_as(x)
-    return out
-
-
-def corpus_texts(data_cfg: Any, max_shards: int = 256) -> list[str]:
-    """Sorted label/text strings of the clips' JSON in (up to ``max_shards``) local shards: the CLIP vocabulary."""
-    import tarfile
-
-    from abvid.pipeline.source import expand_shards
-
-    urls = expand_shards(data_cfg.shards, allow_pipe=False)
-    local = [u for u in urls if Path(u).is_file()][:max_shards]
-    if len(local) < len(urls):
-        log.warning("CLIP vocabulary read from %d of %d shards (local files only, at most %d)",
-                    len(local), len(urls), max_shards)
-    texts: set[str] = set()
-    for url in local:
-        with tarfile.open(url, "r:") as tar:      # seeks past the frames; reads only the .json members
-            for member in tar:
-                if member.name.endswith(".json") and (f := tar.extractfile(member)) is not None:
-                    for ann in json.loads(f.read()).get("annotations") or []:
-                        texts.update(t for t in (ann.get("label"), ann.get("text")) if t)
-    return sorted(texts)
-
-
-def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True) -> dict:
-    """Build loader and objective from a :class:`~abvid.train.config.PretrainConfig` and :func:`train` them."""
-    from abvid.model import encoder_kwargs
-    from abvid.pipeline.loader import build_loader
-    from abvid.tools.config import to_dict
-    from abvid.train.config import check_sizes, validate
-    from abvid.train.objectives import build_objective
-
-    tc = cfg.train
-    validate(tc)
-    for msg in check_sizes(cfg):
-        if os.environ.get("RANK", "0") == "0":      # once per job, not once per torchrun process
-            log.warning(msg)
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 noise, every worker
-    if tc.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    if tc.threads > 0:
-        torch.set_num_threads(tc.threads)
-    ctx = dist.init(tc.device)
-    try:
-        data_info = {"texts": corpus_texts(cfg.data)} if cfg.objective.name == "clip" else None
-        seed_everything(tc.seed)  # the same on every rank: identical student and teacher init
-        objective = build_objective(cfg.objective, cfg.model, data_info)
-        loader = build_loader(cfg.data, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size)
-        on_device = None if cfg.data.aug_in_loader else augment_on_device
-        return train(objective, loader, tc, run_dir, ctx, to_dict(cfg), encoder_kwargs(cfg.model), resume,
-                     on_device=on_device)
-    finally:
-        dist.shutdown(ctx)

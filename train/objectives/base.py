@@ -97,6 +97,7 @@ class Objective(nn.Module):
         self.bootstrap = value is not None
         self.bootstrap_weight, self.gamma, self.num_next_actions = bootstrap_weight, gamma, num_next_actions
         self.default_teacher_temp = default_teacher_temp
+        self._pending_state: tuple[torch.Tensor, torch.Tensor] | None = None   # see update_teacher
 
     def forward(self, batch: dict[str, Any], teacher_temp: float | None = None):
         return self.loss(batch, teacher_temp)
@@ -146,8 +147,10 @@ class Objective(nn.Module):
             # No annotation in this batch (CLIP without texts): keep every trainable parameter in the
             # graph with a zero gradient, so DDP (find_unused_parameters=False) still syncs.
             total = total + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
-        if need_teacher and self.training:                             # state from the global views only,
-            fam.update_state(z_t[:, :batch["global"].shape[1]], psi_t)  # the same with or without bootstrapping
+        if need_teacher and self.training:
+            # family state (DINO's centre) from the global views only, the same with or without bootstrapping;
+            # applied by update_teacher, i.e. only after a step the loop found finite
+            self._pending_state = (z_t[:, :batch["global"].shape[1]].detach(), psi_t.detach())
         if getattr(fam, "uses_teacher_temp", False):
             metrics["teacher_temp"] = tt
         metrics["loss"] = total.detach()
@@ -155,7 +158,11 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA: t = m * t + (1 - m) * s for encoder, head and value decoder (no-op without a target network)."""
+        """After a finite step: the family's state update of that step (DINO's centre), then the EMA
+        t = m * t + (1 - m) * s for encoder, head and value decoder (no EMA without a target network)."""
+        pending, self._pending_state = self._pending_state, None
+        if pending is not None:
+            self.family.update_state(*pending)
         if not self.target_network:
             return
         pairs = [(self.student_encoder, self.teacher_encoder), (self.student_head, self.teacher_head),

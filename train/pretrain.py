@@ -1,0 +1,91 @@
+"""``abvid pretrain`` as a function: build the loader and objective from a config, then run the loop.
+
+    from abvid.pipeline.config import load_config
+    from abvid.train.config import PretrainConfig
+    from abvid.train.pretrain import pretrain
+    summary = pretrain(load_config(PretrainConfig, "examples/configs/tiny_cpu.yaml"), "runs/tiny")
+
+Everything that knows about the config lives here; ``train/loop.py`` only sequences steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abvid.train import dist
+from abvid.train.loop import seed_everything, train
+
+log = logging.getLogger("abvid.train")
+
+
+def augment_on_device(batch: dict) -> dict:
+    """``data.aug_in_loader=false``: colour/blur/solarize on the device from the recorded ``aug`` params."""
+    from abvid.pipeline.views import augment
+
+    out = dict(batch)
+    ng = batch["global"].shape[1]
+    for key, aug in (("global", batch["aug"][:, :ng]), ("local", batch["aug"][:, ng:])):
+        x = batch.get(key)
+        if x is not None and x.shape[1] > 0:
+            out[key] = augment(x.flatten(0, 1), aug.flatten(0, 1)).view_as(x)
+    return out
+
+
+def corpus_texts(data_cfg: Any, max_shards: int = 256) -> list[str]:
+    """Sorted label/text strings of the clips' JSON in (up to ``max_shards``) local shards: the CLIP vocabulary."""
+    import tarfile
+
+    from abvid.pipeline.source import expand_shards
+
+    urls = expand_shards(data_cfg.shards, allow_pipe=False)
+    local = [u for u in urls if Path(u).is_file()][:max_shards]
+    if len(local) < len(urls):
+        log.warning("CLIP vocabulary read from %d of %d shards (local files only, at most %d)",
+                    len(local), len(urls), max_shards)
+    texts: set[str] = set()
+    for url in local:
+        with tarfile.open(url, "r:") as tar:      # seeks past the frames; reads only the .json members
+            for member in tar:
+                if member.name.endswith(".json") and (f := tar.extractfile(member)) is not None:
+                    for ann in json.loads(f.read()).get("annotations") or []:
+                        texts.update(t for t in (ann.get("label"), ann.get("text")) if t)
+    return sorted(texts)
+
+
+def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True) -> dict:
+    """Build loader and objective from a :class:`~abvid.train.config.PretrainConfig` and :func:`train` them."""
+    from abvid.model import encoder_kwargs
+    from abvid.pipeline.loader import build_loader
+    from abvid.pipeline.config import to_dict
+    from abvid.train.config import check_sizes, validate
+    from abvid.train.objectives import build_objective
+
+    tc = cfg.train
+    validate(tc)
+    for msg in check_sizes(cfg):
+        if os.environ.get("RANK", "0") == "0":      # once per job, not once per torchrun process
+            log.warning(msg)
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 noise, every worker
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    ctx = dist.init(tc.device)
+    try:
+        data_info = {"texts": corpus_texts(cfg.data)} if cfg.objective.name == "clip" else None
+        seed_everything(tc.seed)  # the same on every rank: identical student and teacher init
+        objective = build_objective(cfg.objective, cfg.model, data_info)
+        loader = build_loader(cfg.data, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size)
+        on_device = None if cfg.data.aug_in_loader else augment_on_device
+        return train(objective, loader, tc, run_dir, ctx, to_dict(cfg), encoder_kwargs(cfg.model), resume,
+                     on_device=on_device)
+    finally:
+        dist.shutdown(ctx)
