@@ -83,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from abvid.pipeline.config import ConfigError
+    from abvid.pipeline.errors import AbvidError
     try:
         return int(fn(args) or 0)
     except ConfigError as e:
         print(f"abvid {args.command}: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except AbvidError as e:          # expected failures: one line naming the culprit and the fix
+        print(f"abvid {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"abvid {args.command}: interrupted", file=sys.stderr)
         return 130
