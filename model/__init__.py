@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .vit import ARCHS, VisionTransformer, num_params, vit_base, vit_small, vit_tiny
+from .vit import ARCHS, VisionTransformer, num_params, vit_base, vit_large, vit_small, vit_tiny
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class ModelConfig:
     ``img_size`` is the grid the position embedding is stored for; other input
     sizes (local crops) interpolate it.
     """
-    arch: Literal["vit_tiny", "vit_small", "vit_base"] = "vit_small"
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = "vit_small"
     patch_size: int = 16
     img_size: int = 224
     drop_path: float = 0.0
@@ -63,4 +63,4 @@ def load_encoder(path, map_location="cpu", which: Literal["ema", "student"] = "e
 
 
 __all__ = ["ModelConfig", "VisionTransformer", "build_encoder", "encoder_kwargs", "load_encoder", "num_params",
-           "vit_tiny", "vit_small", "vit_base"]
+           "vit_tiny", "vit_small", "vit_base", "vit_large"]

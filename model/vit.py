@@ -1,7 +1,7 @@
 """A compact Vision Transformer encoder (Dosovitskiy et al. 2021; timm's API and variants).
 
 One file, timm-style: size variants are small functions (``vit_tiny``, ``vit_small``,
-``vit_base``), attention uses ``F.scaled_dot_product_attention``, and the learned
+``vit_base``, ``vit_large``), attention uses ``F.scaled_dot_product_attention``, and the learned
 position embedding is stored for ``img_size`` and interpolated (bicubic) to any
 input size, so global (224 px) and local (96 px) crops share every weight.
 
@@ -14,7 +14,10 @@ encoder is self-contained (INTERFACES.md, "Model / objectives").
     emb = enc.embed(images)                 # (B, D): the CLS token
 
 Parameter count: ``vit_small(patch_size=16)`` has 21.67M parameters without a
-classifier and 22.05M with ``num_classes=1000`` (timm's ``vit_small_patch16_224``).
+classifier and 22.05M with ``num_classes=1000`` (timm's ``vit_small_patch16_224``);
+``vit_large(patch_size=16)`` (1024 wide, 24 deep, 16 heads) 303.30M without and 304.33M
+with (timm's ``vit_large_patch16_224``). Large variants can be built on the meta device
+(``with torch.device("meta"): ...``), e.g. to count FLOPs or shard before materialising.
 """
 from __future__ import annotations
 
@@ -101,7 +104,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))
-        rates = torch.linspace(0, drop_path, depth).tolist()   # stochastic depth grows with depth
+        # stochastic depth grows with depth; computed on the CPU so the model can be built on the meta device
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], norm_layer) for i in range(depth))
         self.norm = norm_layer(embed_dim)
@@ -181,8 +185,12 @@ def vit_base(patch_size: int = 16, **kw) -> VisionTransformer:
     return VisionTransformer(patch_size=patch_size, **{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
 
 
+def vit_large(patch_size: int = 16, **kw) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, **{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kw})
+
+
 ARCHS: dict[str, Callable[..., VisionTransformer]] = {"vit_tiny": vit_tiny, "vit_small": vit_small,
-                                                      "vit_base": vit_base}
+                                                      "vit_base": vit_base, "vit_large": vit_large}
 
 
 def num_params(module: nn.Module) -> int:

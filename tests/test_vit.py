@@ -8,7 +8,7 @@ from abvid.model.vit import IMAGENET_MEAN, IMAGENET_STD
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.mark.parametrize("arch", ["vit_tiny", "vit_small", "vit_base"])
+@pytest.mark.parametrize("arch", ["vit_tiny", "vit_small", "vit_base", "vit_large"])
 def test_variant_shapes_at_toy_width(arch):
     enc = build_encoder(arch, patch_size=8, **TINY).eval()
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -32,6 +32,16 @@ def test_vit_small_param_count_matches_timm():
     without = num_params(build_encoder("vit_small", patch_size=16))
     assert abs(with_head - 22.05e6) / 22.05e6 < 0.01
     assert without == 21_665_664
+
+
+def test_vit_large_matches_timm_and_builds_on_meta():
+    # timm vit_large_patch16_224: 304,326,632 with its 1000-way classifier (1024 wide, 24 deep, 16 heads).
+    with torch.device("meta"):                                  # 300M parameters, no memory
+        enc = build_encoder("vit_large", patch_size=16, drop_path=0.1)
+        with_head = build_encoder("vit_large", patch_size=16, num_classes=1000)
+    assert (enc.embed_dim, len(enc.blocks), enc.blocks[0].attn.num_heads) == (1024, 24, 16)
+    assert num_params(with_head) == 304_326_632 and num_params(enc) == 303_301_632
+    assert enc.blocks[-1].drop_path.p == pytest.approx(0.1) and enc.blocks[0].drop_path.p == 0.0
 
 
 def test_uint8_and_float_inputs_agree():
