@@ -32,17 +32,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample (Huang et al. 2016)."""
+    """Stochastic depth: drop the whole residual branch per sample (Huang et al. 2016).
+
+    The rate lives in a non-persistent 0-d buffer (not in state dicts), so ``torch.compile`` sees it as an
+    input and every block of an encoder shares one compiled graph; a Python float would be baked into the
+    graph, one per distinct rate, i.e. per block (train/compile.py). ``p`` reads and sets it.
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
-        self.p = p
+        self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
+        self._p, self.active = float(p), p > 0.0
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self.rate.fill_(float(value))
+        self._p, self.active = float(value), value > 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        keep = 1.0 - self.rate.to(x.dtype)
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) < keep
         return x * mask / keep
 
 

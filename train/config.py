@@ -48,7 +48,14 @@ class TrainConfig:
     teacher_temp_warmup_steps: int = 3_000
     clip_grad: float = 3.0               # max global grad norm; 0 disables clipping
     amp: bool = True                     # bf16 autocast on CUDA (CPU always runs fp32)
-    compile: bool = False                # torch.compile the loss computation
+    compile: bool = False                # torch.compile (train/compile.py): see compile_scope
+    compile_scope: Literal["modules", "step"] = "modules"   # modules: each ViT block, head, value decoder and
+                                         # loss apart (bounded compile time); step: the whole loss call as one
+    compile_cache: str = "~/.cache/abvid/torchinductor"  # inductor cache dir, reused by later runs ("" = torch's
+                                         # default; TORCHINDUCTOR_CACHE_DIR in the environment wins)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # data parallel under torchrun: auto = ddp when WORLD_SIZE
+                                         # > 1; fsdp = FSDP2 fully_shard per ViT block (train/fsdp.py)
+    activation_checkpointing: bool = False  # recompute each student ViT block in backward (memory for time)
     find_unused_parameters: bool = False  # DDP: set when some trainable parameters get no gradient
     deterministic: bool = False          # torch.use_deterministic_algorithms (slower on GPU; see loop.py)
     log_every: int = 20                  # steps per metrics.jsonl row / log line
@@ -84,6 +91,9 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 <= cfg.momentum <= 1.0 and 0.0 <= cfg.momentum_end <= 1.0,
          "train.momentum and train.momentum_end must lie in [0, 1]"),
         (cfg.clip_grad >= 0, "train.clip_grad must be >= 0 (0 disables clipping)"),
+        (not (cfg.compile and cfg.compile_scope == "step" and cfg.strategy == "fsdp"),
+         "train.compile_scope=step is not supported with train.strategy=fsdp (the sharded root cannot be "
+         "compiled as one graph here): use train.compile_scope=modules"),
     ]
     for ok, msg in checks:
         if not ok:
