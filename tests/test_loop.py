@@ -59,6 +59,10 @@ class FakeTrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
+    compile_scope: str = "modules"
+    compile_cache: str = ""
+    strategy: str = "auto"
+    activation_checkpointing: bool = False
 
 
 class FakeObjective(nn.Module):

@@ -89,6 +89,24 @@ def init(device_pref: str = "auto", timeout_s: float = 1800.0) -> DistContext:
     return DistContext(rank, world, local, device, backend)
 
 
+def resolve_strategy(pref: str, ctx: DistContext) -> str:
+    """``train.strategy`` -> what runs: ``single`` (no process group), ``ddp`` or ``fsdp`` (train/fsdp.py).
+
+    ``auto`` is DDP whenever torchrun started a process group and a single process otherwise; ``ddp`` in a
+    single process is the single process (there is nothing to reduce); ``fsdp`` needs a process group.
+    """
+    if pref not in ("auto", "ddp", "fsdp"):
+        from abvid.pipeline.errors import UsageError
+        raise UsageError(f"train.strategy must be auto, ddp or fsdp, got {pref!r}")
+    if pref == "fsdp":
+        if not ctx.distributed:
+            from abvid.pipeline.errors import UsageError
+            raise UsageError("train.strategy=fsdp needs a process group: launch with torchrun (e.g. torchrun "
+                             "--nproc-per-node 2 -m abvid.tools.cli pretrain ...), or use train.strategy=auto")
+        return "fsdp"
+    return "ddp" if ctx.distributed else "single"
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

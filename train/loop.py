@@ -10,13 +10,18 @@ module owns student, EMA teacher and losses and is called as
 functions. One code path for every setting:
 
 * **devices**: fp32 on CPU; bf16 autocast on CUDA (``train.amp``), no grad
-  scaler needed for bf16; optional ``torch.compile`` of the loss call.
-* **DDP** when torchrun sets ``WORLD_SIZE``: the loss call is wrapped in
-  ``DistributedDataParallel``. The EMA teacher lives in the same objective but
+  scaler needed for bf16, and TF32 for the fp32 matmuls left (the objectives' logits);
+  optional ``torch.compile`` per module or of the whole loss call (train/compile.py).
+* **DDP** when torchrun sets ``WORLD_SIZE`` (``train.strategy=auto|ddp``): the loss call is
+  wrapped in ``DistributedDataParallel``. The EMA teacher lives in the same objective but
   has ``requires_grad=False``, so DDP neither reduces nor re-broadcasts it;
   it stays identical on all ranks because the student does and the EMA is
   deterministic (it is broadcast from rank 0 once at start). Each rank builds
   its loader with ``rank, world_size`` and reads different shards.
+* **FSDP2** with ``train.strategy=fsdp`` (train/fsdp.py): student and teacher sharded per ViT
+  block, the EMA on the shards; checkpoints gathered to the same plain dict DDP writes (every
+  rank takes part in ``save``), restored shard by shard, so a run may resume under the other
+  strategy. ``train.activation_checkpointing`` recomputes student blocks in backward.
 * **resume**: a checkpoint is a plain dict (``train/checkpoint.py``) and a
   resumed run goes through the same code as a fresh one: build everything,
   then load the dict (model + EMA, optimizer, step, epoch, each rank's loader
@@ -71,7 +76,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from abvid.train import dist
+from abvid.train import compile as tcompile
+from abvid.train import dist, fsdp
 from abvid.train.checkpoint import CheckpointError, capture_rng, load_latest, restore_rng, save_checkpoint
 from abvid.train.metrics import IntervalMeter, MetricsWriter, setup_logging
 from abvid.train.optim import build_optimizer, set_hparams
@@ -156,7 +162,8 @@ def _next_batch(loader: Any, it: Iterator, epoch: int) -> tuple[dict, Iterator, 
 # Keys a resumed run may change: they alter how long, how often or where a run goes, not what it learns.
 # Any other difference between the run's saved config and the resolved one refuses the resume.
 SAFE_TO_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.max_bad_steps",
-                  "train.threads", "train.device", "train.compile", "train.deterministic",
+                  "train.threads", "train.device", "train.compile", "train.compile_scope", "train.compile_cache",
+                  "train.strategy", "train.activation_checkpointing", "train.deterministic",
                   "data.prefetch_factor", "data.pin_memory", "data.shards", "data.allow_pipe")
 
 
@@ -191,8 +198,10 @@ class Resumed:
 
 
 def _resume(objective: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, ckpt_dir: Path,
-            ctx: dist.DistContext, config: dict) -> Resumed:
-    """Load the newest readable checkpoint into objective, optimizer and loader; refuse a changed config."""
+            ctx: dist.DistContext, config: dict, sharded: bool = False) -> Resumed:
+    """Load the newest readable checkpoint into objective, optimizer and loader; refuse a changed config.
+
+    Every rank reads the file; ``sharded`` (FSDP) keeps each rank's shard of the full tensors."""
     found = load_latest(ckpt_dir, map_location="cpu")
     if found is None:
         return Resumed()
@@ -206,8 +215,8 @@ def _resume(objective: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
             f"config.yaml), or use another --out or --no-resume to start over. Keys that may change on resume: "
             f"{', '.join(SAFE_TO_CHANGE)}")
     try:
-        objective.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        fsdp.load_model_state(objective, state["model"], sharded)
+        fsdp.load_optimizer_state(optimizer, state["optimizer"], sharded)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path} does not fit the model built from this config; use another --out, or "
                               f"--no-resume to start over: {e}") from e
@@ -277,7 +286,7 @@ def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Op
         loss, metrics = model(batch, hp.teacher_temp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
+    gnorm = fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf))
     # One collective per step: did any rank see a non-finite value / a stop signal? The
     # reduced flags, this rank's loss and grad norm then reach the host in one transfer.
     device = loss.device
@@ -294,28 +303,41 @@ def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Op
     return StepOutcome(loss_v, gnorm_v, bool(bad_f), bool(stop_f), metrics)
 
 
-def _wrap(objective: nn.Module, ctx: dist.DistContext, tc: Any) -> nn.Module:
-    """The module the step calls: the loss call, under DDP when distributed, compiled when asked."""
+def _wrap(objective: nn.Module, ctx: dist.DistContext, tc: Any, strategy: str) -> nn.Module:
+    """The module the step calls: the loss call with activation checkpointing, per-module compile, then
+    DDP / FSDP (``strategy`` from ``dist.resolve_strategy``), or compiled whole (``compile_scope=step``).
+    Under FSDP the objective's parameters become shards: build the optimizer after this."""
+    if tc.activation_checkpointing:
+        n = fsdp.checkpoint_blocks(objective.student_encoder)
+        log.info("activation checkpointing: %d student blocks recomputed in backward", n)
+    if tc.compile:
+        tcompile.apply(objective, tc.compile_scope, tc.compile_cache)
     model: nn.Module = _LossCall(objective)
-    if ctx.distributed:
+    if strategy == "fsdp":
+        model = fsdp.shard(model, objective, ctx)
+    elif strategy == "ddp":
         device = ctx.device
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=tc.find_unused_parameters)
-    if tc.compile:
-        model = torch.compile(model)
+    if tc.compile and tc.compile_scope == "step":
+        model = tcompile.compile_step(model)
     return model
 
 
 def _saver(objective: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, ctx: dist.DistContext,
-           ckpt_dir: Path, config: dict, encoder_kwargs: dict, keep_last: int) -> Callable[[int, int], Path | None]:
-    """``save(step, epoch)``: gather every rank's loader and RNG state; rank 0 writes the plain-dict checkpoint."""
+           ckpt_dir: Path, config: dict, encoder_kwargs: dict, keep_last: int,
+           sharded: bool = False) -> Callable[[int, int], Path | None]:
+    """``save(step, epoch)``: gather every rank's loader and RNG state (and, under FSDP, the full model and
+    optimizer state); rank 0 writes the plain-dict checkpoint."""
     def save(step: int, epoch: int) -> Path | None:
         loader_states = dist.gather_objects(ctx, loader.state_dict() if hasattr(loader, "state_dict") else None)
         rngs = dist.gather_objects(ctx, capture_rng())
+        model_state = fsdp.full_model_state(objective, sharded, ctx)
+        optimizer_state = fsdp.full_optimizer_state(optimizer, sharded, ctx)
         path = None
         if ctx.is_main:
-            ckpt = {"model": objective.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
+            ckpt = {"model": model_state, "optimizer": optimizer_state, "scaler": None,
                     "step": step, "epoch": epoch,
                     "loader_state": None if loader_states[0] is None else
                     {"world_size": ctx.world_size, "ranks": loader_states},
@@ -394,28 +416,35 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
     dist.barrier(ctx)
 
     device = ctx.device
+    strategy = dist.resolve_strategy(tc.strategy, ctx)
     objective.to(device).train()
     dist.broadcast_module_(ctx, objective)
+    model = _wrap(objective, ctx, tc, strategy)            # before the optimizer: FSDP replaces parameters
+    sharded = strategy == "fsdp"
     global_batch = tc.batch_size * ctx.world_size
     base_lr = scaled_lr(tc.lr, global_batch) if tc.scale_lr else tc.lr
     optimizer = build_optimizer(objective, base_lr, tuple(tc.betas), fused=device.type == "cuda")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    start = _resume(objective, optimizer, loader, run_dir / "checkpoints", ctx, config) if resume else Resumed()
+    start = (_resume(objective, optimizer, loader, run_dir / "checkpoints", ctx, config, sharded) if resume
+             else Resumed())
     if start.path is None:
-        log.info("starting a new run in %s: %d steps, global batch %d (%d x %d ranks), lr %.3g",
-                 run_dir, tc.steps, global_batch, tc.batch_size, ctx.world_size, base_lr)
+        log.info("starting a new run in %s: %d steps, global batch %d (%d x %d ranks, %s), lr %.3g",
+                 run_dir, tc.steps, global_batch, tc.batch_size, ctx.world_size, strategy, base_lr)
     if ctx.is_main:
         _write_config(run_dir, config)
-    model = _wrap(objective, ctx, tc)
+    if device.type == "cuda" and tc.amp:
+        torch.backends.cuda.matmul.allow_tf32 = True       # fp32 matmuls left under autocast: the logits
+        torch.backends.cudnn.allow_tf32 = True
     autocast: Callable[[], Any] = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and tc.amp
         else contextlib.nullcontext)
     save = _saver(objective, optimizer, loader, ctx, run_dir / "checkpoints", config, encoder_kwargs or {},
-                  tc.keep_last)
+                  tc.keep_last, sharded)
 
     step, epoch, out = start.step, start.epoch, None
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": tc.steps, "start_step": step, "status": "completed",
-                               "world_size": ctx.world_size, "backend": ctx.backend, "device": str(device)}
+                               "world_size": ctx.world_size, "backend": ctx.backend, "device": str(device),
+                               "strategy": strategy}
     books = _Bookkeeping(MetricsWriter(run_dir, ctx.is_main, tc.steps, step), ctx, tc, step)
     try:
         with _StopFlag() as stop:
