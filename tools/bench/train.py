@@ -2,6 +2,7 @@
 
     abvid bench train --arch vit_tiny --views 2x224,4x96 --batch 8 --steps 5
     abvid bench train --objective simclr --set target_network=false --threads 1
+    abvid bench train --arch vit_small --batch 64 --steps 20 --device cuda --compile     # bf16 autocast on CUDA
 
 Both objectives share the encoder architecture, views and batch (random
 pixels and boxes, a fixed seed). A step is forward + backward + AdamW step +
@@ -10,6 +11,15 @@ so that load from other processes hits both alike, and the median step time of
 each is reported. The closing JSON line has ``throughput`` = bootstrapped step
 (ms), ``bound`` = base step (ms) and ``ratio`` = AB step / base step (target:
 <= 1.25 on CPU for vit_tiny with 2 x 224 + 4 x 96 views).
+
+FLOPs and MFU (train/flops.py, one definition): ``flops_per_step`` is counted by
+``FlopCounterMode`` on one real step of each objective (student forward and backward,
+teacher forward, heads, value decoder, losses), ``tflops`` = flops_per_step / median
+step time, and on CUDA ``mfu`` = tflops / the card's dense bf16 peak (``peak_tflops``,
+from the datasheet table; an unknown card gets ``mfu: null`` and a note, or pass
+``--peak-tflops``). The ``base_*`` fields are the same for the base method.
+``--compile`` compiles each objective per module (train/compile.py) before its warm-up
+steps; compile time is reported apart (``compile_s``), not in the step times.
 
 Measured on the shared 2-core CPU machine (load 4-9 from other jobs), vit_tiny/16,
 2 x 224 + 4 x 96, batch 4, ``--threads 1``: DINO 1.08 (1888 -> 2032 ms; 1.07-1.19
@@ -31,7 +41,7 @@ from abvid.tools.bench.common import report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="vit_tiny", choices=["vit_tiny", "vit_small", "vit_base"])
+    p.add_argument("--arch", default="vit_tiny", choices=["vit_tiny", "vit_small", "vit_base", "vit_large"])
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--objective", default="dino", choices=["dino", "simclr", "clip"])
     p.add_argument("--views", default="2x224,4x96", help="NxSIZE of global views, then NxSIZE of local views")
@@ -42,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ObjectiveConfig override for both runs, e.g. --set target_network=false (repeatable)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile per module (train/compile.py), as train.compile=true does")
+    p.add_argument("--no-amp", dest="amp", action="store_false",
+                   help="fp32 on CUDA too (default: bf16 autocast on CUDA, as train.amp; CPU is always fp32)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak of the card for MFU (default: the datasheet table in train/flops.py)")
 
 
 def parse_views(spec: str) -> tuple[int, int, int, int]:
@@ -73,52 +89,88 @@ def random_batch(B: int, ng: int, gs: int, nl: int, ls: int, device: str) -> dic
 
 
 def main(args: argparse.Namespace) -> int:
+    import contextlib
+
     from abvid.model import ModelConfig
     from abvid.pipeline.config import merge, parse_overrides
+    from abvid.train import flops
+    from abvid.train.compile import compile_modules
     from abvid.train.objectives import ObjectiveConfig, build_objective
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
     ng, gs, nl, ls = parse_views(args.views)
     torch.manual_seed(0)
     mcfg = ModelConfig(arch=args.arch, patch_size=args.patch_size, img_size=gs)
     data_info = {"texts": ["cat", "dog"]}
-    runs = {}
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and args.amp else contextlib.nullcontext
+    if cuda and args.amp:
+        torch.backends.cuda.matmul.allow_tf32 = True       # as the training loop: TF32 for the fp32 logits
+    batch = random_batch(args.batch, ng, gs, nl, ls, args.device)
+    runs, counted, compile_s = {}, {}, {}
     ocfg = merge(ObjectiveConfig(name=args.objective, gamma=args.gamma), parse_overrides(args.overrides))
     for name, bootstrap in (("base", False), ("ab", True)):
         obj = build_objective(merge(ocfg, {"bootstrap": bootstrap}), mcfg, data_info).to(args.device).train()
-        opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-4)
+        counted[name] = flops.step_flops(obj, batch, autocast=autocast)          # eager, before compiling
+        if args.compile:
+            compile_modules(obj)
+        opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
         runs[name] = (obj, opt)
-    batch = random_batch(args.batch, ng, gs, nl, ls, args.device)
 
     def step(name: str) -> float:
         obj, opt = runs[name]
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = obj.loss(batch)
+        with autocast():
+            loss, _ = obj.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         obj.update_teacher(0.996)
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1000.0
 
     times: dict[str, list[float]] = {"base": [], "ab": []}
-    for name in times:                                   # warm-up (allocations, kernels)
-        step(name)
+    for name in times:                                   # warm-up (allocations, kernels; compiling with --compile)
+        t0 = time.perf_counter()
+        for _ in range(2 if args.compile else 1):
+            step(name)
+        compile_s[name] = round(time.perf_counter() - t0, 1)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.steps):
         for name in times:
             times[name].append(step(name))
     base, ab = statistics.median(times["base"]), statistics.median(times["ab"])
     nparams = {k: sum(p.numel() for p in runs[k][0].parameters() if p.requires_grad) for k in runs}
+    tflops = {k: counted[k] / (statistics.median(times[k]) / 1000.0) / 1e12 for k in times}
+    peak, peak_source = flops.device_peak(args.device, args.peak_tflops)
+    mfus = {k: flops.mfu(counted[k], statistics.median(times[k]) / 1000.0, peak) for k in times}
+    device_name = torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu"
     print(f"{args.objective} {args.arch}/{args.patch_size} views {args.views} batch {args.batch} "
-          f"threads {torch.get_num_threads()} device {args.device}")
+          f"threads {torch.get_num_threads()} device {args.device} ({device_name}) compile {args.compile} "
+          f"amp {bool(cuda and args.amp)}")
     for name in times:
+        mfu_txt = f", MFU {mfus[name]:.1%}" if mfus[name] is not None else ""
         print(f"  {name:4s} step ms: " + " ".join(f"{t:.0f}" for t in times[name])
-              + f"  (median {statistics.median(times[name]):.0f}; trainable params {nparams[name] / 1e6:.2f}M)")
+              + f"  (median {statistics.median(times[name]):.0f}; trainable params {nparams[name] / 1e6:.2f}M; "
+              f"{counted[name] / 1e9:.2f} GFLOP/step, {tflops[name]:.3f} TFLOP/s{mfu_txt})")
+    if peak is None:
+        print(f"  MFU: {peak_source}")
+    peak_mem = round(torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**30, 2) if cuda else None
     report("train", ab, "ms/step", base, objective=args.objective, arch=args.arch, views=args.views,
            overrides=list(args.overrides), gamma=args.gamma,
            batch=args.batch, steps=args.steps, base_ms=round(base, 1), ab_ms=round(ab, 1),
-           threads=torch.get_num_threads(), device=args.device)
+           flops_per_step=counted["ab"], tflops=round(tflops["ab"], 4), mfu=_round(mfus["ab"]),
+           base_flops_per_step=counted["base"], base_tflops=round(tflops["base"], 4), base_mfu=_round(mfus["base"]),
+           peak_tflops=peak, mfu_note=None if peak is not None else peak_source,
+           views_per_s=round(args.batch * (ng + nl) / (ab / 1000.0), 1), compile=args.compile,
+           compile_s=compile_s if args.compile else None, amp=bool(cuda and args.amp), peak_mem_gib=peak_mem,
+           threads=torch.get_num_threads(), device=args.device, device_name=device_name)
     return 0
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
