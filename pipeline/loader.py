@@ -71,6 +71,8 @@ class DataConfig(ViewConfig):
     seed: int = 0
     aug_in_loader: bool = True               # False: record aug params, leave colour/blur/solarize to the
                                              # caller (views.augment works on GPU tensors); flip stays here
+    decode_on: Literal["workers", "device"] = "workers"   # device: batches carry JPEG bytes + view parameters,
+                                             # decoded and rendered on the training device (pipeline/gpu_views.py)
 
     def view_sampler(self) -> ViewSampler:
         return ViewSampler(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ViewConfig)})
@@ -195,13 +197,16 @@ class ClipDataset(IterableDataset):
     def __init__(self, urls: list[str], sampler: ViewSampler, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, resampled: bool = True, one_pass: bool = False, shuffle: bool = True,
                  shuffle_buffer: int = 256, allow_pipe: bool = False, apply_aug: bool = True,
-                 decode_only: bool = False, batch_size: int | None = None):
+                 decode_only: bool = False, batch_size: int | None = None, jpeg_bytes: bool = False):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        if jpeg_bytes and (batch_size is None or decode_only):
+            raise ValueError("jpeg_bytes (data.decode_on=device) needs whole batches (batch_size) and no decode_only")
         self.urls, self.sampler, self.seed, self.rank, self.world_size = list(urls), sampler, seed, rank, world_size
         self.resampled, self.one_pass, self.shuffle = resampled and not one_pass, one_pass, shuffle
         self.shuffle_buffer, self.allow_pipe = shuffle_buffer, allow_pipe
         self.apply_aug, self.decode_only, self.batch_size = apply_aug, decode_only, batch_size
+        self.jpeg_bytes = jpeg_bytes             # batches of JPEG bytes + view parameters (pipeline/gpu_views.py)
         self._epoch, self._position, self._loaded_workers = 0, 0, None
 
     def state_dict(self) -> dict:
@@ -232,7 +237,11 @@ class ClipDataset(IterableDataset):
 
         stages = [tar_members(self.allow_pipe), group_samples(),
                   shuffle(self.shuffle_buffer if self.shuffle else 0, shuffle_rng), count_and_skip,
-                  sample_views(self.sampler, rng_for), decode_frames()]
+                  sample_views(self.sampler, rng_for)]
+        if self.jpeg_bytes:
+            from abvid.pipeline import gpu_views
+            return stages + [gpu_views.read_headers()]       # batched in __iter__; decoded on the device
+        stages.append(decode_frames())
         if self.decode_only:
             return stages + [lambda it: ({"key": s["__key__"], "frames": len(s["__frames__"])} for s in it)]
         if self.batch_size is not None:
@@ -242,6 +251,9 @@ class ClipDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         if self.batch_size is None or self.decode_only:
             return self._clips()
+        if self.jpeg_bytes:
+            from abvid.pipeline import gpu_views
+            return gpu_views.jpeg_batches(self.batch_size, _row, _stack_rows)(self._clips())
         return render_batches(self.sampler, self.apply_aug, self.batch_size)(self._clips())
 
     def _clips(self) -> Iterator[dict]:
@@ -346,7 +358,8 @@ def build_dataset(cfg: DataConfig, rank: int = 0, world_size: int = 1, one_pass:
     return ClipDataset(urls, cfg.view_sampler(), seed=cfg.seed, rank=rank, world_size=world_size,
                        resampled=cfg.resampled, one_pass=one_pass, shuffle=cfg.shuffle,
                        shuffle_buffer=cfg.shuffle_buffer, allow_pipe=cfg.allow_pipe,
-                       apply_aug=cfg.aug_in_loader, decode_only=decode_only, batch_size=batch_size)
+                       apply_aug=cfg.aug_in_loader, decode_only=decode_only, batch_size=batch_size,
+                       jpeg_bytes=cfg.decode_on == "device" and batch_size is not None and not decode_only)
 
 
 def build_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
