@@ -158,3 +158,24 @@ def test_nvjpeg_path_equals_the_cpu_path_within_jpeg_tolerance(tmp_path):
     for k in ("global", "local"):
         diff = (rendered[k].cpu().int() - pixels[k].int()).abs().float()
         assert diff.mean() < 1.5 and torch.quantile(diff.flatten(), 0.99) <= 8, (k, diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("setting", ["data.decode_on=device", "data.aug_in_loader=false"])
+def test_pretrain_with_device_side_views(tmp_path, setting):
+    """The training loop's on_device path (train/pretrain.device_transform) on CPU: trains and counts views."""
+    import json
+    import subprocess
+    import sys
+
+    from test_pretrain import TINY, losses
+
+    shards = write_test_shards(tmp_path / "shards", videos=4, clips_per_video=2, clip_len=8)[0].parent
+    args = [sys.executable, "-m", "abvid.tools.cli", "pretrain", "--out", str(tmp_path / "run"),
+            "--set", f"data.shards={shards}"]
+    for kv in TINY + ["train.steps=3", setting]:
+        args += ["--set", kv]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["views_per_s"] > 0
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]

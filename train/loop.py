@@ -70,7 +70,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ from abvid.train import dist, fsdp
 from abvid.train.checkpoint import CheckpointError, capture_rng, load_latest, restore_rng, save_checkpoint
 from abvid.train.metrics import IntervalMeter, MetricsWriter, setup_logging
 from abvid.train.optim import build_optimizer, set_hparams
+from abvid.train.prefetch import DeviceFeed
 from abvid.train.schedules import cosine, linear, scaled_lr, warmup_cosine
 
 log = logging.getLogger("abvid.train")
@@ -133,10 +134,6 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def count_views(batch: dict) -> int:
     """Views in a batch: ``B * n`` summed over the ``global``/``local`` tensors (B when neither exists)."""
     n = sum(int(batch[k].shape[0] * batch[k].shape[1]) for k in VIEW_KEYS if k in batch and batch[k].ndim >= 2)
@@ -144,19 +141,6 @@ def count_views(batch: dict) -> int:
         first = next((v for v in batch.values() if torch.is_tensor(v)), None)
         n = int(first.shape[0]) if first is not None else 0
     return n
-
-
-def _next_batch(loader: Any, it: Iterator, epoch: int) -> tuple[dict, Iterator, int]:
-    """Next batch; a finished pass starts the next epoch. An empty pass is an error."""
-    try:
-        return next(it), it, epoch
-    except StopIteration:
-        it = iter(loader)
-        try:
-            return next(it), it, epoch + 1
-        except StopIteration:
-            raise RuntimeError("the loader yielded no batch in a whole pass: check data.shards "
-                               "(and that each rank gets at least one shard)") from None
 
 
 # Keys a resumed run may change: they alter how long, how often or where a run goes, not what it learns.
@@ -325,13 +309,13 @@ def _wrap(objective: nn.Module, ctx: dist.DistContext, tc: Any, strategy: str) -
     return model
 
 
-def _saver(objective: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, ctx: dist.DistContext,
-           ckpt_dir: Path, config: dict, encoder_kwargs: dict, keep_last: int,
+def _saver(objective: nn.Module, optimizer: torch.optim.Optimizer, loader_state: Callable[[], Any],
+           ctx: dist.DistContext, ckpt_dir: Path, config: dict, encoder_kwargs: dict, keep_last: int,
            sharded: bool = False) -> Callable[[int, int], Path | None]:
     """``save(step, epoch)``: gather every rank's loader and RNG state (and, under FSDP, the full model and
     optimizer state); rank 0 writes the plain-dict checkpoint."""
     def save(step: int, epoch: int) -> Path | None:
-        loader_states = dist.gather_objects(ctx, loader.state_dict() if hasattr(loader, "state_dict") else None)
+        loader_states = dist.gather_objects(ctx, loader_state())
         rngs = dist.gather_objects(ctx, capture_rng())
         model_state = fsdp.full_model_state(objective, sharded, ctx)
         optimizer_state = fsdp.full_optimizer_state(optimizer, sharded, ctx)
@@ -404,7 +388,8 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
     config as a plain dict (saved to ``run_dir/config.yaml`` and in checkpoints).
     The objective must be built with the same seed on every rank; this function
     moves it to ``ctx.device``, wraps it for DDP and owns the optimizer.
-    ``on_device(batch)`` runs on each batch after it reached the device (GPU augmentation).
+    ``on_device(batch)`` runs on each batch after it reached the device (GPU decoding / augmentation), on
+    CUDA one step ahead (train/prefetch.py).
     """
     run_dir = Path(run_dir)
     if ctx.is_main:
@@ -438,8 +423,9 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
     autocast: Callable[[], Any] = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and tc.amp
         else contextlib.nullcontext)
-    save = _saver(objective, optimizer, loader, ctx, run_dir / "checkpoints", config, encoder_kwargs or {},
-                  tc.keep_last, sharded)
+    feed = DeviceFeed(loader, device, on_device, start.epoch)       # one batch ahead on a side stream on CUDA
+    save = _saver(objective, optimizer, feed.loader_state, ctx, run_dir / "checkpoints", config,
+                  encoder_kwargs or {}, tc.keep_last, sharded)
 
     step, epoch, out = start.step, start.epoch, None
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": tc.steps, "start_step": step, "status": "completed",
@@ -455,15 +441,12 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
             else:
                 # iter() draws loader seeds from the global RNG (restored from the loader state on resume),
                 # so the RNG is set after it: the next draw is the one an uninterrupted run would make.
-                it = iter(loader)
+                feed.start()
                 restore_rng(start.rng) if start.rng is not None else seed_everything(tc.seed + ctx.rank)
             while step < tc.steps:
                 t0 = time.perf_counter()
-                batch, it, epoch = _next_batch(loader, it, epoch)
+                batch, epoch = feed.next()
                 views = count_views(batch) * ctx.world_size
-                batch = _to_device(batch, device)
-                if on_device is not None:
-                    batch = on_device(batch)
                 data_s = time.perf_counter() - t0
                 hp = Hparams.at(step, tc, base_lr)
                 out = train_step(model, objective, optimizer, params, batch, hp, tc.clip_grad, ctx, autocast,

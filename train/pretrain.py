@@ -9,12 +9,13 @@ Everything that knows about the config lives here; ``train/loop.py`` only sequen
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,16 +25,30 @@ from abvid.train.loop import seed_everything, train
 log = logging.getLogger("abvid.train")
 
 
-def augment_on_device(batch: dict) -> dict:
-    """``data.aug_in_loader=false``: colour/blur/solarize on the device from the recorded ``aug`` params."""
-    from abvid.pipeline.views import augment
+def device_transform(data_cfg: Any, device: torch.device) -> Callable[[dict], dict] | None:
+    """What runs on each batch once on the device (train/prefetch.py, one step ahead on CUDA): decoding and
+    rendering (``data.decode_on=device``), augmentation (``data.aug_in_loader=false``) or nothing."""
+    from abvid.pipeline import gpu_views
+
+    if data_cfg.decode_on == "device":
+        return gpu_views.build_renderer(data_cfg, device)
+    if not data_cfg.aug_in_loader:
+        return functools.partial(augment_on_device, max_blur_sigma=max(data_cfg.blur_sigma))
+    return None
+
+
+def augment_on_device(batch: dict, max_blur_sigma: float) -> dict:
+    """``data.aug_in_loader=false``: colour/blur/solarize on the device from the recorded ``aug`` params, every
+    view of a size at once and without reading a value back to the host (pipeline/gpu_views.augment)."""
+    from abvid.pipeline.gpu_views import augment, to_channels_last
 
     out = dict(batch)
     ng = batch["global"].shape[1]
     for key, aug in (("global", batch["aug"][:, :ng]), ("local", batch["aug"][:, ng:])):
         x = batch.get(key)
         if x is not None and x.shape[1] > 0:
-            out[key] = augment(x.flatten(0, 1), aug.flatten(0, 1)).view_as(x)
+            y = augment(x.flatten(0, 1).float(), aug.flatten(0, 1), max_blur_sigma)
+            out[key] = to_channels_last(y, *x.shape[:2])
     return out
 
 
@@ -84,7 +99,7 @@ def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True) -> dict:
         seed_everything(tc.seed)  # the same on every rank: identical student and teacher init
         objective = build_objective(cfg.objective, cfg.model, data_info)
         loader = build_loader(cfg.data, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size)
-        on_device = None if cfg.data.aug_in_loader else augment_on_device
+        on_device = device_transform(cfg.data, ctx.device)
         return train(objective, loader, tc, run_dir, ctx, to_dict(cfg), encoder_kwargs(cfg.model), resume,
                      on_device=on_device)
     finally:
