@@ -66,7 +66,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +82,7 @@ from abvid.train.metrics import IntervalMeter, MetricsWriter, setup_logging
 from abvid.train.optim import build_optimizer, set_hparams
 from abvid.train.prefetch import DeviceFeed
 from abvid.train.schedules import cosine, linear, scaled_lr, warmup_cosine
+from abvid.train.signals import StopFlag
 
 log = logging.getLogger("abvid.train")
 VIEW_KEYS = ("global", "local")
@@ -103,35 +103,6 @@ class _LossCall(nn.Module):
 
     def forward(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict[str, float]]:
         return self.objective.loss(batch, teacher_temp=teacher_temp)
-
-
-class _StopFlag:
-    """SIGTERM / SIGINT handler: remember the signal; the loop saves and exits at the step boundary."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        if hasattr(signal, "SIGTERM") and _in_main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now, without a checkpoint
-        self.signum = signum
-        log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def count_views(batch: dict) -> int:
@@ -433,7 +404,7 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
                                "strategy": strategy}
     books = _Bookkeeping(MetricsWriter(run_dir, ctx.is_main, tc.steps, step), ctx, tc, step)
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             if step >= tc.steps and start.path is None:
                 books.last_ckpt = save(step, epoch)  # train.steps=0: an untrained checkpoint to probe as a baseline
             elif step >= tc.steps:
