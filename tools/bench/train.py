@@ -3,6 +3,7 @@
     abvid bench train --arch vit_tiny --views 2x224,4x96 --batch 8 --steps 5
     abvid bench train --objective simclr --set target_network=false --threads 1
     abvid bench train --arch vit_small --batch 64 --steps 20 --device cuda --compile     # bf16 autocast on CUDA
+    abvid bench train --arch vit_small --batch 64 --device cuda --profile step.json     # + a torch.profiler trace
 
 Both objectives share the encoder architecture, views and batch (random
 pixels and boxes, a fixed seed). A step is forward + backward + AdamW step +
@@ -20,6 +21,9 @@ from the datasheet table; an unknown card gets ``mfu: null`` and a note, or pass
 ``--peak-tflops``). The ``base_*`` fields are the same for the base method.
 ``--compile`` compiles each objective per module (train/compile.py) before its warm-up
 steps; compile time is reported apart (``compile_s``), not in the step times.
+``--profile TRACE.json`` then runs 3 more AB steps under ``torch.profiler`` and writes a Chrome
+trace (open it in chrome://tracing or https://ui.perfetto.dev) and prints the 12 ops with the
+most self time: where host syncs (gaps on the CUDA row), small kernels and fp32 work show up.
 
 Measured on the shared 2-core CPU machine (load 4-9 from other jobs), vit_tiny/16,
 2 x 224 + 4 x 96, batch 4, ``--threads 1``: DINO 1.08 (1888 -> 2032 ms; 1.07-1.19
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -56,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile per module (train/compile.py), as train.compile=true does")
     p.add_argument("--no-amp", dest="amp", action="store_false",
                    help="fp32 on CUDA too (default: bf16 autocast on CUDA, as train.amp; CPU is always fp32)")
+    p.add_argument("--profile", metavar="TRACE.json", default=None,
+                   help="after timing, profile 3 AB steps (torch.profiler) and write a Chrome trace here")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak of the card for MFU (default: the datasheet table in train/flops.py)")
 
@@ -143,6 +150,8 @@ def main(args: argparse.Namespace) -> int:
     for _ in range(args.steps):
         for name in times:
             times[name].append(step(name))
+    if args.profile:
+        _profile(lambda: step("ab"), args.profile, cuda)
     base, ab = statistics.median(times["base"]), statistics.median(times["ab"])
     nparams = {k: sum(p.numel() for p in runs[k][0].parameters() if p.requires_grad) for k in runs}
     tflops = {k: counted[k] / (statistics.median(times[k]) / 1000.0) / 1e12 for k in times}
@@ -170,6 +179,20 @@ def main(args: argparse.Namespace) -> int:
            compile_s=compile_s if args.compile else None, amp=bool(cuda and args.amp), peak_mem_gib=peak_mem,
            threads=torch.get_num_threads(), device=args.device, device_name=device_name)
     return 0
+
+
+def _profile(step: Any, path: str, cuda: bool) -> None:
+    """3 steps under torch.profiler: a Chrome trace at ``path`` and the ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+    prof.export_chrome_trace(path)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=12))
+    print(f"profiler trace (3 AB steps): {path}")
 
 
 def _round(v: float | None) -> float | None:
