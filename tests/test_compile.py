@@ -66,7 +66,8 @@ def test_cache_dir(tmp_path, monkeypatch):
     assert tcompile.set_cache_dir("") is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     assert tcompile.set_cache_dir(str(tmp_path / "c")) == tmp_path / "c" and (tmp_path / "c").is_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c")
-    assert tcompile.set_cache_dir(str(tmp_path / "other")) == tmp_path / "c"     # the environment wins
+    assert tcompile.set_cache_dir("") == tmp_path / "c"                          # "": whatever is there
+    assert tcompile.set_cache_dir(str(tmp_path / "d")) == tmp_path / "d"         # the setting wins
 
 
 def test_fsdp_with_step_compile_is_refused():

@@ -19,9 +19,9 @@ module-level function cannot be wrapped from outside). Shapes are static
 (``dynamic=False``: one graph per view size, the form CUDA graphs need) and the
 recompile limit is raised to :data:`RECOMPILE_LIMIT` so a deep encoder never falls back to
 eager silently. Every graph is compiled on the first step that needs it; the inductor
-cache (``train.compile_cache``, default ``~/.cache/abvid/torchinductor``; the environment's
-``TORCHINDUCTOR_CACHE_DIR`` wins) makes later runs with the same shapes load instead of
-compile.
+cache (``train.compile_cache``, default ``~/.cache/abvid/torchinductor``; "" = the environment's
+``TORCHINDUCTOR_CACHE_DIR`` or torch's ``/tmp`` default) makes later runs with the same shapes
+load instead of compile.
 
 Order with the other wrappers (train/loop.py ``_wrap``): activation checkpointing, then
 compile, then FSDP / DDP (torchtitan's order); ``scope=step`` compiles the wrapped loss call
@@ -43,11 +43,13 @@ RECOMPILE_LIMIT = 64     # per code object; a block has ~8 variants, the default
 
 
 def set_cache_dir(cache_dir: str) -> Path | None:
-    """Point inductor's cache at ``cache_dir`` (created) unless TORCHINDUCTOR_CACHE_DIR is set; returns the dir."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    """Point inductor's cache at ``cache_dir`` (created); "" leaves TORCHINDUCTOR_CACHE_DIR / torch's default.
+
+    The setting wins over the environment variable: torch itself writes that variable the first time it
+    looks for its cache, so its presence does not mean a user chose it.
+    """
     if not cache_dir:
-        return None
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) if os.environ.get("TORCHINDUCTOR_CACHE_DIR") else None
     path = Path(cache_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)

@@ -51,8 +51,8 @@ class TrainConfig:
     compile: bool = False                # torch.compile (train/compile.py): see compile_scope
     compile_scope: Literal["modules", "step"] = "modules"   # modules: each ViT block, head, value decoder and
                                          # loss apart (bounded compile time); step: the whole loss call as one
-    compile_cache: str = "~/.cache/abvid/torchinductor"  # inductor cache dir, reused by later runs ("" = torch's
-                                         # default; TORCHINDUCTOR_CACHE_DIR in the environment wins)
+    compile_cache: str = "~/.cache/abvid/torchinductor"  # inductor cache dir, reused by later runs
+                                         # ("" = TORCHINDUCTOR_CACHE_DIR or torch's default under /tmp)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # data parallel under torchrun: auto = ddp when WORLD_SIZE
                                          # > 1; fsdp = FSDP2 fully_shard per ViT block (train/fsdp.py)
     activation_checkpointing: bool = False  # recompute each student ViT block in backward (memory for time)
