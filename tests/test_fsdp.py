@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_dist import free_port  # noqa: E402
 from test_pretrain import TINY, losses, shards  # noqa: E402,F401  (shards: module-scoped fixture)
 
-# 2 clips per rank per step, in-process loading (workers=0), one pass per epoch: the same data under either strategy
+# 2 clips per rank per step, in-process loading (workers=0), one pass per epoch: the same data under either
+# strategy; stochastic depth on, so the random masks must agree too (across strategies and recomputes)
 BASE = [*TINY, "data.workers=0", "data.resampled=false", "train.batch_size=2", "train.ckpt_every=2",
-        "train.keep_last=4"]
+        "train.keep_last=4", "model.drop_path=0.1"]
 
 
 def _env(rank: int, world: int, port: int) -> None:
@@ -40,8 +41,13 @@ def _env(rank: int, world: int, port: int) -> None:
 
 def _strategies_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
     """Runs, in one process group: DDP and FSDP for 4 steps; FSDP resumed from DDP's step-2 checkpoint and
-    DDP from FSDP's; FSDP with activation checkpointing."""
+    DDP from FSDP's; FSDP with per-module compile (dynamo's eager backend: the wrapping order, not inductor)
+    and activation checkpointing."""
     _env(rank, world, port)
+    import functools
+
+    from abvid.train import compile as tcompile
+    tcompile.compile_modules = functools.partial(tcompile.compile_modules, backend="eager")
     from abvid.model import encoder_kwargs
     from abvid.pipeline.config import load_config, to_dict
     from abvid.pipeline.loader import build_loader
@@ -54,7 +60,7 @@ def _strategies_worker(rank: int, world: int, port: int, shards: str, out: str) 
     cfg = load_config(PretrainConfig, None, [f"data.shards={shards}", *BASE, "train.steps=4"])
     ctx = dist.init("cpu", timeout_s=120)
     plan = [("ddp", "ddp", None, False), ("fsdp", "fsdp", None, False), ("ddp_to_fsdp", "fsdp", "ddp", False),
-            ("fsdp_to_ddp", "ddp", "fsdp", False), ("fsdp_ac", "fsdp", None, True)]
+            ("fsdp_to_ddp", "ddp", "fsdp", False), ("fsdp_ac", "fsdp", None, True)]   # fsdp_ac: + compile
     try:
         for name, strategy, resume_from, ac in plan:
             run = Path(out) / name
@@ -63,7 +69,7 @@ def _strategies_worker(rank: int, world: int, port: int, shards: str, out: str) 
                 shutil.copy(Path(out) / resume_from / "checkpoints" / "ckpt-00000002.pt", run / "checkpoints")
             dist.barrier(ctx)
             c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, strategy=strategy,
-                                                                   activation_checkpointing=ac))
+                                                                   activation_checkpointing=ac, compile=ac))
             seed_everything(c.train.seed)
             obj = build_objective(c.objective, c.model)
             loader = build_loader(c.data, c.train.batch_size, rank=ctx.rank, world_size=ctx.world_size)

@@ -259,14 +259,14 @@ def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Op
 
 
 def _wrap(objective: nn.Module, ctx: dist.DistContext, tc: Any, strategy: str) -> nn.Module:
-    """The module the step calls: the loss call with activation checkpointing, per-module compile, then
+    """The module the step calls: the loss call with per-module compile, activation checkpointing, then
     DDP / FSDP (``strategy`` from ``dist.resolve_strategy``), or compiled whole (``compile_scope=step``).
     Under FSDP the objective's parameters become shards: build the optimizer after this."""
-    if tc.activation_checkpointing:
-        n = fsdp.checkpoint_blocks(objective.student_encoder)
-        log.info("activation checkpointing: %d student blocks recomputed in backward", n)
     if tc.compile:
         tcompile.apply(objective, tc.compile_scope, tc.compile_cache)
+    if tc.activation_checkpointing:                        # around the compiled forward: see train/compile.py
+        n = fsdp.checkpoint_blocks(objective.student_encoder)
+        log.info("activation checkpointing: %d student blocks recomputed in backward", n)
     model: nn.Module = _LossCall(objective)
     if strategy == "fsdp":
         model = fsdp.shard(model, objective, ctx)
