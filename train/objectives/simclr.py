@@ -82,17 +82,21 @@ class SimCLRFamily(nn.Module):
 
     needs_teacher_for_base = False
 
-    def __init__(self, temperature: float = 0.1):
+    def __init__(self, temperature: float = 0.1, target_temperature: float | None = None):
         super().__init__()
         self.temperature = temperature
+        # p(l | x') as a bootstrap target: the instance distribution over the batch at its own temperature
+        # (the base loss never reads it). A lower one sharpens targets that are near uniform early on.
+        self.target_temperature = temperature if target_temperature is None else target_temperature
 
     def annotations(self, head: nn.Module, z: torch.Tensor, batch: dict[str, Any]):
         B, n = z.shape[:2]
         psi, offset = gather_views(z.reshape(B * n, -1))              # (W*B*n, d): every rank's views
         return psi, self_mask(B, n, z.device, psi.shape[0], offset)   # exclude (B, n, W*B*n)
 
-    def target_probs(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float):
-        return scored(z, psi, 1.0 / self.temperature, exclude).softmax(-1)
+    def target_probs(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float,
+                     group: str = "global"):
+        return scored(z, psi, 1.0 / self.target_temperature, exclude).softmax(-1)
 
     def base_loss(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, p_t, batch: dict[str, Any]):
         B, n = z.shape[:2]
@@ -110,5 +114,5 @@ class SimCLRFamily(nn.Module):
             acc = pos.gather(-1, top[..., None]).float().mean()
         return loss, {"instance_acc": acc, "temperature": self.temperature}
 
-    def update_state(self, z: torch.Tensor, psi: torch.Tensor) -> None:
+    def update_state(self, z_global: torch.Tensor, psi: torch.Tensor, z_local: torch.Tensor | None = None) -> None:
         pass
