@@ -35,8 +35,9 @@ def _steps(obj, batch, n: int) -> list[float]:
     return out
 
 
-@pytest.mark.slow
-def test_module_compile_keeps_losses_and_shares_block_graphs(depth: int = 5):
+def _graphs_for_depth(depth: int) -> int:
+    """Compile an objective of ``depth`` blocks per module (a counting backend), check it against eager over
+    three steps, and return how many graphs were compiled."""
     torch._dynamo.reset()
     graphs = []
 
@@ -49,16 +50,19 @@ def test_module_compile_keeps_losses_and_shares_block_graphs(depth: int = 5):
     done = tcompile.compile_modules(obj, backend=counting_backend)
     assert f"student_encoder.blocks.{depth - 1}" in done and "teacher_value" in done and "family.base_loss" in done
     batch = random_batch(3, 2, 32, 2, 16, "cpu")
-    first = _steps(obj, batch, 1)
+    assert _steps(obj, batch, 1) == _steps(ref, batch, 1)         # same math, same random numbers
     n_graphs = len(graphs)
-    assert first == _steps(ref, batch, 1)                  # same math, same random numbers
     assert _steps(obj, batch, 2) == _steps(ref, batch, 2)
     assert len(graphs) == n_graphs, "steady-state steps recompiled"
-    # every block shares one block's graphs, so the count does not grow with depth: 12 at depth 4, 5 and 8.
-    # With the stochastic-depth rate as a Python float (baked into each block's graph) it was 16 at depth 4
-    # and 24 at depth 8.
-    assert n_graphs == 12, n_graphs
     assert obj.state_dict().keys() == ref.state_dict().keys()      # in-place compile: same checkpoint keys
+    return n_graphs
+
+
+@pytest.mark.slow
+def test_module_compile_keeps_losses_and_shares_block_graphs():
+    # Every block shares one block's graphs, so the count does not grow with depth. With the stochastic-depth
+    # rate as a Python float (baked into each block's graph) it grew: 16 graphs at depth 4, 24 at depth 8.
+    assert _graphs_for_depth(2) == _graphs_for_depth(5)
 
 
 def test_cache_dir(tmp_path, monkeypatch):

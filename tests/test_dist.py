@@ -46,6 +46,19 @@ def test_pick_device():
             dist.pick_device("cuda")
 
 
+def test_resolve_strategy():
+    from abvid.pipeline.errors import UsageError
+
+    one = dist.DistContext(0, 1, 0, torch.device("cpu"), None)
+    two = dist.DistContext(0, 2, 0, torch.device("cpu"), "gloo")
+    assert [dist.resolve_strategy(s, one) for s in ("auto", "ddp")] == ["single", "single"]
+    assert [dist.resolve_strategy(s, two) for s in ("auto", "ddp", "fsdp")] == ["ddp", "ddp", "fsdp"]
+    with pytest.raises(UsageError, match="train.strategy=fsdp needs a process group: launch with torchrun"):
+        dist.resolve_strategy("fsdp", one)
+    with pytest.raises(UsageError, match="auto, ddp or fsdp"):
+        dist.resolve_strategy("zero3", two)
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -80,8 +80,10 @@ def test_augment_matches_opencv_per_view():
 def _pair(shards, **kw):
     cfg = DataConfig(shards=str(shards), workers=0, global_size=32, local_size=16, shuffle_buffer=4, seed=5,
                      blur_p=0.5, solarize_p=0.3, **kw)
-    pixels = next(iter(build_loader(cfg, batch_size=4)))
-    jpeg = next(iter(build_loader(dataclasses.replace(cfg, decode_on="device"), batch_size=4)))
+    # next_views: the fields issue 10 added to the batch (A' targets) must travel through bytes mode too
+    pixels = next(iter(build_loader(cfg, batch_size=4, next_views=2)))
+    jpeg = next(iter(build_loader(dataclasses.replace(cfg, decode_on="device"), batch_size=4, next_views=2)))
+    assert "next_boxes" in pixels and "next_boxes" in jpeg
     return cfg, pixels, jpeg
 
 
