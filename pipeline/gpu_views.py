@@ -199,13 +199,14 @@ def crop_resize(frames: torch.Tensor, frame_of_view: torch.Tensor, pixel_boxes: 
     shrink = (h >= size) & (w >= size)
     area, area_up = use_area & shrink, use_area & ~shrink
     H, W = frames.shape[-2:]
-    ay = axis_weights(top, h, size, H, area, area_up)                                    # (V, S, H)
-    ax = axis_weights(left, w, size, W, area, area_up)                                   # (V, S, W)
-    ax = torch.where(flip[:, None, None], ax.flip(1), ax)
     out = []
-    for c in range(0, len(frame_of_view), chunk):           # bounds the gathered frames' memory
-        f = frames.index_select(0, frame_of_view[c:c + chunk]).float()                   # (v, 3, H, W)
-        out.append(ay[c:c + chunk, None] @ f @ ax[c:c + chunk, None].transpose(-1, -2))   # (v, 3, S, S)
+    for c in range(0, len(frame_of_view), chunk):           # bounds the memory of weights and gathered frames
+        s = slice(c, c + chunk)
+        ay = axis_weights(top[s], h[s], size, H, area[s], area_up[s])                    # (v, S, H)
+        ax = axis_weights(left[s], w[s], size, W, area[s], area_up[s])                   # (v, S, W)
+        ax = torch.where(flip[s, None, None], ax.flip(1), ax)
+        f = frames.index_select(0, frame_of_view[s]).float()                             # (v, 3, H, W)
+        out.append(ay[:, None] @ f @ ax[:, None].transpose(-1, -2))                      # (v, 3, S, S)
     return torch.cat(out).round_().clamp_(0, 255)
 
 

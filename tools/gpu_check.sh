@@ -16,6 +16,7 @@
 # limits bound it); not yet measured there.
 # Env: PYTHON (default .venv/bin/python if present, else python3), TIME_LIMIT (120), TEST_LIMIT (150),
 #      STEPS (40), BATCH (64), PEAK_TFLOPS (card peak for MFU if the table lacks it), SHARDS (existing shards),
+#      ARCHS (vit_small,vit_base),
 #      SKIP_TESTS=1, DRY_RUN=1 (CPU, tiny model: checks the script without a GPU).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -63,6 +64,7 @@ args=(--out "$OUT" --time-limit "${TIME_LIMIT:-120}")
 [ -n "${STEPS:-}" ] && args+=(--steps "$STEPS")
 [ -n "${BATCH:-}" ] && args+=(--batch "$BATCH")
 [ -n "${SHARDS:-}" ] && args+=(--shards "$SHARDS")
+[ -n "${ARCHS:-}" ] && args+=(--archs "$ARCHS")
 [ "${DRY_RUN:-0}" = 1 ] && args+=(--dry-run)
 "$PY" -m abvid.tools.gpu_check "${args[@]}"
 rc=$?
