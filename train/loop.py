@@ -119,7 +119,7 @@ def count_views(batch: dict) -> int:
 SAFE_TO_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.max_bad_steps",
                   "train.threads", "train.device", "train.compile", "train.compile_scope", "train.compile_cache",
                   "train.strategy", "train.activation_checkpointing", "train.deterministic",
-                  "data.prefetch_factor", "data.pin_memory", "data.shards", "data.allow_pipe")
+                  "data.prefetch_factor", "data.pin_memory", "data.shards", "data.allow_pipe", "data.decode_on")
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
