@@ -84,11 +84,11 @@ def connect(address: str = "") -> Cluster:
         import ray
     except ImportError:
         raise UsageError("--executor ray needs Ray: pip install 'abvid[ray]' (or pip install 'ray>=2.9')") from None
-    if ray.is_initialized():
-        return Cluster(ray, False)
-    addr = address or os.environ.get("RAY_ADDRESS", "")
+    addr = address or ("" if ray.is_initialized() else os.environ.get("RAY_ADDRESS", ""))
     if addr and addr != "auto":
         _check_answers(addr)
+    if ray.is_initialized():   # a library caller (or a test) joined a cluster already: use that one
+        return Cluster(ray, False)
     try:
         ray.init(address=addr or None, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=True)
@@ -146,6 +146,9 @@ class ClipWriter:
         os.environ[WORKER_PID_ENV] = str(os.getpid())   # inherited by the pool's forkserver and children
         self.pool = IsolatedPool(process_video, (cfg, threads), n=1, timeout_s=cfg.timeout_s, preload=PRELOAD)
 
+    def where(self) -> str:
+        return self.host
+
     def process(self, task: dict) -> dict:
         """Decode one video into the open shard; returns its row and the rows of any shard closed meanwhile."""
         spool = self.spool_dir / "video.spool"
@@ -176,6 +179,7 @@ class ClipWriter:
 class _Slot:
     actor: Any
     prefix: str
+    where: Any = None                     # ObjectRef of the actor's host name, answered when it starts
     host: str = "?"
     ref: Any = None                       # the in-flight task's ObjectRef
     task: dict | None = None
@@ -200,7 +204,8 @@ def run_tasks(cluster: Cluster, tasks: Iterator[dict], cfg, out: Path, prefix: s
 
     def new_slot() -> _Slot:
         p = writer_prefix(prefix, next(numbers))
-        return _Slot(remote.remote(str(out), p, cfg, cfg.threads or 1), p)
+        actor = remote.remote(str(out), p, cfg, cfg.threads or 1)
+        return _Slot(actor, p, where=actor.where.remote())
 
     def finish(row: dict) -> None:
         rows[row["path"]] = row
@@ -219,6 +224,11 @@ def run_tasks(cluster: Cluster, tasks: Iterator[dict], cfg, out: Path, prefix: s
                  sum(r["clips"] for r in shard_rows))
 
     def lost(slot: _Slot, error: BaseException) -> None:
+        if slot.host == "?":   # died before its first video ended: its start-up answer may still name the node
+            try:
+                slot.host = ray.get(slot.where, timeout=1.0)
+            except Exception:  # noqa: BLE001 - it never started: the node stays unknown
+                pass
         state["lost"] += 1
         state["since_progress"] += 1
         if state["since_progress"] > max(3, 2 * n):
