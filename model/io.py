@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +76,12 @@ def read_checkpoint(path: str | Path, which: Which = "ema",
         raise EncoderFileError(f"{path}: not an abvid checkpoint (needs 'model' and 'encoder_kwargs', found {keys})")
     prefix = PREFIXES[which]
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state and which == "ema" and any(k.startswith(PREFIXES["student"]) for k in ckpt["model"]):
+        # base methods without a teacher (plain SimCLR / CLIP) keep no EMA encoder: the student is the encoder
+        warnings.warn(f"{path}: no EMA (teacher) encoder in this checkpoint (its objective builds none); "
+                      "using the student encoder", stacklevel=3)
+        prefix = PREFIXES["student"]
+        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     if not state:
         found = sorted({k.split(".", 1)[0] + "." for k in ckpt["model"]})
         other = "student" if which == "ema" else "ema"

@@ -4,14 +4,25 @@ The value head ``Q(l | x, a)`` reads the source view's patch tokens and an
 action ``a`` (pipeline/actions.py, ``ACTION_FIELDS``) and outputs one vector
 ``phi_AB(x, a)`` that the objective scores against the annotations.
 
-Tokens (``ActionTokenizer``): every action coordinate is clamped to a range and
-discretised into bins; each bin has its own learned embedding.
-``dy, dx, log_sh, log_sw`` give one token each, ``dt`` one token (integer bins
-``-max_dt..max_dt``; dropped when ``temporal=False``), and the target's
-augmentation parameters one token together (the sum of one bin embedding per
-augmentation field) -- 6 tokens per action, 5 without time. With
-``action_tokens=False`` every action becomes the same learned mask tokens, so
-``Q`` no longer depends on the action (the paper's invariant ablation).
+Tokens (``ActionTokenizer``): ``dy, dx, log_sh, log_sw`` give one token each,
+``dt`` one token (one embedding per integer frame offset ``-max_dt..max_dt``;
+dropped when ``temporal=False``), and the target's augmentation parameters one
+token together (the sum of one bin embedding per augmentation field) -- 6 tokens
+per action, 5 without time. The place fields are encoded in one of two ways
+(``encoding``):
+
+* ``"fourier"`` (default): the value and ``sin / cos(2 pi 2^k v)`` for
+  ``k = -2..5`` (periods from 4 box sizes down to 1/32 of one), mapped to a token
+  by a linear layer per field. A local crop inside a global view is placed to a
+  small fraction of the box, wherever in [-4, 4] the move lands.
+* ``"bins"``: the value clamped to [-4, 4] (``GEOM_RANGES``) and cut into
+  ``num_bins`` uniform bins, one learned embedding each. With 16 bins (the first
+  design) a bin is half a source box wide, so a local crop inside a global view
+  falls into about 2 bins per axis: Q knows the quadrant, not the place.
+
+The choice between them was made on validation runs (README, "Choosing the place
+encoding"). With ``action_tokens=False`` every action becomes the same learned mask
+tokens, so ``Q`` no longer depends on the action (the paper's invariant ablation).
 
 Decoder (``ValueDecoder``): ``depth`` pre-norm layers of self-attention among a
 pair's tokens, cross-attention from the tokens to the source's patch tokens,
@@ -25,7 +36,7 @@ and it runs at its own small width.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,6 +54,17 @@ AUG_RANGES = {"flip": (0.0, 1.0), "brightness": (-0.5, 0.5), "contrast": (-0.5, 
               "hue": (-0.2, 0.2), "grey": (0.0, 1.0), "blur_sigma": (0.0, 2.0), "solarize": (0.0, 1.0)}
 
 
+FOURIER_OCTAVES = tuple(range(-2, 6))     # frequencies 2^k cycles per box size: periods 4 .. 1/32
+
+
+def fourier_features(v: torch.Tensor) -> torch.Tensor:
+    """(...,) -> (..., 1 + 2 * len(FOURIER_OCTAVES)): v itself, then sin and cos of 2 pi 2^k v (fp32)."""
+    v = v.float()
+    f = torch.tensor([2.0 ** k for k in FOURIER_OCTAVES], device=v.device) * (2 * math.pi)
+    ang = v[..., None] * f
+    return torch.cat([v[..., None], ang.sin(), ang.cos()], dim=-1)
+
+
 def discretise(v: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
     """Uniform bins over [lo, hi] -> int64 in [0, bins - 1] (out-of-range values clamp to the edge bins)."""
     idx = torch.floor((v.float() - lo) / (hi - lo) * bins)
@@ -53,30 +75,44 @@ class ActionTokenizer(nn.Module):
     """actions (..., ACTION_DIM) -> tokens (..., T, dim); T = 6 (5 with ``temporal=False``)."""
 
     def __init__(self, dim: int, num_bins: int = 16, max_dt: int = 16, temporal: bool = True,
-                 action_tokens: bool = True):
+                 action_tokens: bool = True, encoding: Literal["fourier", "bins"] = "fourier"):
         super().__init__()
-        self.num_bins, self.max_dt = num_bins, max_dt
+        if encoding not in ("fourier", "bins"):
+            raise ValueError(f"action encoding must be 'fourier' or 'bins', got {encoding!r}")
+        self.num_bins, self.max_dt, self.encoding = num_bins, max_dt, encoding
         self.temporal, self.action_tokens = temporal, action_tokens
         self.num_tokens = len(GEOM_RANGES) + int(temporal) + 1
         # Only the tables in use exist: a parameter that never gets a gradient would upset DDP.
-        self.mask_tokens = self.geom = self.dt = self.aug = None
+        self.mask_tokens = self.geom = self.geom_proj = self.dt = self.aug = None
         if not action_tokens:
             self.mask_tokens = nn.Parameter(torch.zeros(self.num_tokens, dim))
         else:
-            self.geom = nn.Embedding(len(GEOM_RANGES) * num_bins, dim)     # one slice of bins per field
+            if encoding == "bins":
+                self.geom = nn.Embedding(len(GEOM_RANGES) * num_bins, dim)     # one slice of bins per field
+            else:                                                           # one linear map per field
+                self.geom_proj = nn.Parameter(torch.empty(len(GEOM_RANGES), 1 + 2 * len(FOURIER_OCTAVES), dim))
             self.dt = nn.Embedding(2 * max_dt + 1, dim) if temporal else None
             self.aug = nn.Embedding(len(AUG_FIELDS) * num_bins, dim)
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)
+
+    def _geometry(self, actions: torch.Tensor) -> torch.Tensor:
+        """(..., ACTION_DIM) -> (..., 4, dim): one token per place field (dy, dx, log_sh, log_sw)."""
+        cols = [ACTION_FIELDS.index(f) for f in GEOM_RANGES]
+        if self.geom is not None:
+            nb = self.num_bins
+            idx = torch.stack([discretise(actions[..., c], lo, hi, nb) + k * nb
+                               for k, (c, (lo, hi)) in enumerate(zip(cols, GEOM_RANGES.values()))], -1)
+            return self.geom(idx)
+        feats = fourier_features(actions[..., cols])                               # (..., 4, F)
+        return torch.einsum("...kf,kfd->...kd", feats.to(self.geom_proj.dtype), self.geom_proj)
 
     def forward(self, actions: torch.Tensor) -> torch.Tensor:
         lead = actions.shape[:-1]
         if self.mask_tokens is not None:                                # invariant ablation
             return self.mask_tokens.expand(*lead, -1, -1)
         nb = self.num_bins
-        geom = torch.stack([discretise(actions[..., ACTION_FIELDS.index(f)], lo, hi, nb) + k * nb
-                            for k, (f, (lo, hi)) in enumerate(GEOM_RANGES.items())], -1)     # (..., 4)
-        tokens = [self.geom(geom)]                                                            # (..., 4, dim)
+        tokens = [self._geometry(actions)]                                                    # (..., 4, dim)
         if self.dt is not None:
             dt = actions[..., ACTION_FIELDS.index("dt")].round().clamp(-self.max_dt, self.max_dt).long()
             tokens.append(self.dt(dt + self.max_dt)[..., None, :])                           # (..., 1, dim)
@@ -133,11 +169,11 @@ class ValueDecoder(nn.Module):
 
     def __init__(self, enc_dim: int, out_dim: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
                  num_bins: int = 16, max_dt: int = 16, temporal: bool = True, action_tokens: bool = True,
-                 init_temp: float = 0.1):
+                 init_temp: float = 0.1, encoding: Literal["fourier", "bins"] = "fourier"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"decoder width {dim} is not divisible by its {num_heads} heads")
-        self.tokenizer = ActionTokenizer(dim, num_bins, max_dt, temporal, action_tokens)
+        self.tokenizer = ActionTokenizer(dim, num_bins, max_dt, temporal, action_tokens, encoding)
         self.memory_norm = nn.LayerNorm(enc_dim)
         self.layers = nn.ModuleList(DecoderLayer(dim, enc_dim, num_heads) for _ in range(depth))
         self.out_norm = nn.LayerNorm(dim)

@@ -101,8 +101,12 @@ def _labels_at(annotations: list[dict], times: list[float]) -> list[str]:
     return labels
 
 
-def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Generator]) -> Stage:
-    """Stage: raw clip -> "__frames__" (still bytes), "__views__", "__times__", "__labels__"; no pixels touched."""
+def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Generator], next_views: int = 0) -> Stage:
+    """Stage: raw clip -> "__frames__" (still bytes), "__views__", "__times__", "__labels__"; no pixels touched.
+
+    ``next_views`` > 0 also draws that many fresh, never rendered views per clip ("__next__"): the
+    targets of annotation bootstrapping's next actions A' (``ViewSampler.sample_next``).
+    """
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
         for s in samples:
             key, url = s["__key__"], s["__url__"]
@@ -114,13 +118,15 @@ def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Genera
                     raise ValueError(f"frames must be numbered 000..{K - 1:03d}, found {sorted(frames)[:20]}")
                 if len(meta["pts_s"]) != K:
                     raise ValueError(f"json pts_s has {len(meta['pts_s'])} entries for {K} frames")
-                views = sampler.sample(rng_for(s["__pos__"]), K, int(meta["width"]), int(meta["height"]))
+                rng, W, H = rng_for(s["__pos__"]), int(meta["width"]), int(meta["height"])
+                views = sampler.sample(rng, K, W, H)
+                nxt = sampler.sample_next(rng, int(views.frame_idx[0]), K, W, H, next_views) if next_views else None
                 times = [float(meta["pts_s"][int(t)]) for t in views.frame_idx]
                 labels = _labels_at(meta.get("annotations") or [], times)
             except (KeyError, ValueError, TypeError) as e:   # json.JSONDecodeError is a ValueError
                 warn_skip(url, key, f"bad clip metadata ({type(e).__name__}: {e})")
                 continue
-            yield {"__key__": key, "__url__": url, "__frames__": frames, "__views__": views,
+            yield {"__key__": key, "__url__": url, "__frames__": frames, "__views__": views, "__next__": nxt,
                    "__times__": times, "__labels__": labels}
     return stage
 
@@ -143,8 +149,12 @@ def decode_frames() -> Stage:
 def _row(s: dict, boxes: np.ndarray) -> dict:
     """The per-clip fields of a batch besides the pixels."""
     views: Views = s["__views__"]
-    return {"boxes": boxes, "frame_idx": views.frame_idx, "time_s": np.asarray(s["__times__"], dtype=np.float32),
-            "aug": views.aug, "key": s["__key__"], "labels": s["__labels__"], "clip_id": clip_id(s["__key__"])}
+    row = {"boxes": boxes, "frame_idx": views.frame_idx, "time_s": np.asarray(s["__times__"], dtype=np.float32),
+           "aug": views.aug, "key": s["__key__"], "labels": s["__labels__"], "clip_id": clip_id(s["__key__"])}
+    nxt: Views | None = s.get("__next__")
+    if nxt is not None:
+        row.update(next_boxes=nxt.boxes, next_frame_idx=nxt.frame_idx, next_aug=nxt.aug)
+    return row
 
 
 def render_views(sampler: ViewSampler, apply_aug: bool) -> Stage:
@@ -195,13 +205,14 @@ class ClipDataset(IterableDataset):
     def __init__(self, urls: list[str], sampler: ViewSampler, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, resampled: bool = True, one_pass: bool = False, shuffle: bool = True,
                  shuffle_buffer: int = 256, allow_pipe: bool = False, apply_aug: bool = True,
-                 decode_only: bool = False, batch_size: int | None = None):
+                 decode_only: bool = False, batch_size: int | None = None, next_views: int = 0):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.urls, self.sampler, self.seed, self.rank, self.world_size = list(urls), sampler, seed, rank, world_size
         self.resampled, self.one_pass, self.shuffle = resampled and not one_pass, one_pass, shuffle
         self.shuffle_buffer, self.allow_pipe = shuffle_buffer, allow_pipe
         self.apply_aug, self.decode_only, self.batch_size = apply_aug, decode_only, batch_size
+        self.next_views = next_views
         self._epoch, self._position, self._loaded_workers = 0, 0, None
 
     def state_dict(self) -> dict:
@@ -232,7 +243,7 @@ class ClipDataset(IterableDataset):
 
         stages = [tar_members(self.allow_pipe), group_samples(),
                   shuffle(self.shuffle_buffer if self.shuffle else 0, shuffle_rng), count_and_skip,
-                  sample_views(self.sampler, rng_for), decode_frames()]
+                  sample_views(self.sampler, rng_for, self.next_views), decode_frames()]
         if self.decode_only:
             return stages + [lambda it: ({"key": s["__key__"], "frames": len(s["__frames__"])} for s in it)]
         if self.batch_size is not None:
@@ -305,6 +316,15 @@ def collate(samples: list[dict]) -> dict:
 
 
 def _stack_rows(samples: list[dict]) -> dict:
+    out = _stack_view_rows(samples)
+    if "next_boxes" in samples[0]:                                                      # A' targets (M per clip)
+        out.update(next_boxes=torch.from_numpy(np.stack([s["next_boxes"] for s in samples])).float(),   # (B, M, 4)
+                   next_frame_idx=torch.from_numpy(np.stack([s["next_frame_idx"] for s in samples])).long(),
+                   next_aug=torch.from_numpy(np.stack([s["next_aug"] for s in samples])).float())  # (B, M, AUG_DIM)
+    return out
+
+
+def _stack_view_rows(samples: list[dict]) -> dict:
     return {
         "boxes": torch.from_numpy(np.stack([s["boxes"] for s in samples])).float(),     # (B, n, 4)
         "frame_idx": torch.from_numpy(np.stack([s["frame_idx"] for s in samples])).long(),  # (B, n)
@@ -336,7 +356,7 @@ class TransitionLoader(StatefulDataLoader):
 
 
 def build_dataset(cfg: DataConfig, rank: int = 0, world_size: int = 1, one_pass: bool = False,
-                  decode_only: bool = False, batch_size: int | None = None) -> ClipDataset:
+                  decode_only: bool = False, batch_size: int | None = None, next_views: int = 0) -> ClipDataset:
     """Expand and check the shard list (errors at start), then the dataset of one rank."""
     if cfg.seed < 0:
         raise ValueError(f"data.seed must be >= 0 (it seeds numpy SeedSequences), got {cfg.seed}")
@@ -346,18 +366,22 @@ def build_dataset(cfg: DataConfig, rank: int = 0, world_size: int = 1, one_pass:
     return ClipDataset(urls, cfg.view_sampler(), seed=cfg.seed, rank=rank, world_size=world_size,
                        resampled=cfg.resampled, one_pass=one_pass, shuffle=cfg.shuffle,
                        shuffle_buffer=cfg.shuffle_buffer, allow_pipe=cfg.allow_pipe,
-                       apply_aug=cfg.aug_in_loader, decode_only=decode_only, batch_size=batch_size)
+                       apply_aug=cfg.aug_in_loader, decode_only=decode_only, batch_size=batch_size,
+                       next_views=next_views)
 
 
 def build_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
-                 one_pass: bool = False) -> StatefulDataLoader:
+                 one_pass: bool = False, next_views: int = 0) -> StatefulDataLoader:
     """StatefulDataLoader of transition batches for one rank; ``one_pass`` for evaluation (each clip once).
+
+    ``next_views``: fresh view parameters per clip for bootstrapping's next actions (``next_*`` batch keys;
+    the objective's ``num_next_actions`` when ``gamma > 0``, else 0).
 
     ``cfg.pin_memory=None`` pins batches when CUDA is available; no other device logic lives in data code.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    ds = build_dataset(cfg, rank, world_size, one_pass, batch_size=batch_size)   # the dataset batches
+    ds = build_dataset(cfg, rank, world_size, one_pass, batch_size=batch_size, next_views=next_views)
     pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
     return TransitionLoader(ds, batch_size=None, num_workers=cfg.workers, collate_fn=_as_is,
                             prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None, pin_memory=pin)

@@ -136,46 +136,57 @@ class ViewSampler(ViewConfig):
         dt0 = rng.random(self.n) < self.p_dt0
         dt0[0] = True
         u = rng.random(self.n)                                   # one draw per view, used below
-        if self.dt_mode == "forward":
-            anchor = int(rng.integers(0, num_frames - m))
-            dt = 1 + np.floor(u * m).astype(np.int64)            # 1..m
-        else:
-            anchor = int(rng.integers(0, num_frames))
-            lo, hi = max(-m, -anchor), min(m, num_frames - 1 - anchor)
-            count = hi - lo                                      # nonzero values in [lo, hi]
-            k = np.floor(u * max(count, 1)).astype(np.int64)     # 0..count-1
-            dt = lo + k + (lo + k >= 0)                          # skip 0
-            if count == 0:
-                dt[:] = 0
+        anchor = int(rng.integers(0, num_frames - m)) if self.dt_mode == "forward" else int(rng.integers(0, num_frames))
+        return np.where(dt0, 0, self._offsets(u, anchor, num_frames)).astype(np.int64) + anchor
+
+    def _offsets(self, u: np.ndarray, anchor: int, num_frames: int) -> np.ndarray:
+        """Nonzero time offsets from the anchor for uniform draws u: 1..m (forward) or -m..m without 0
+        (symmetric), m = min(max_dt, num_frames - 1), cut to the clip; all 0 when the clip allows none."""
+        m = min(self.max_dt, num_frames - 1)
         if m == 0:
-            dt[:] = 0
-        return np.where(dt0, 0, dt).astype(np.int64) + anchor
+            return np.zeros(len(u), np.int64)
+        if self.dt_mode == "forward":
+            return 1 + np.floor(u * m).astype(np.int64)          # 1..m (the anchor leaves room for m)
+        lo, hi = max(-m, -anchor), min(m, num_frames - 1 - anchor)
+        count = hi - lo                                          # nonzero values in [lo, hi]
+        if count == 0:
+            return np.zeros(len(u), np.int64)
+        k = np.floor(u * count).astype(np.int64)                 # 0..count-1
+        return lo + k + (lo + k >= 0)                            # skip 0
+
+    def max_abs_dt(self) -> int:
+        """The largest |dt| between two views this sampler can produce (the action's dt range)."""
+        return self.max_dt * (2 if self.dt_mode == "symmetric" else 1)
 
     def sample_boxes(self, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
         """(n, 4) float32 boxes (y0, x0, h, w) normalised; RandomResizedCrop rule, vectorised over 10 tries."""
         scale = np.array([self.global_scale] * self.n_global + [self.local_scale] * self.n_local)  # (n, 2)
-        tries = 10
-        area = rng.uniform(scale[:, :1], scale[:, 1:], size=(self.n, tries)) * (width * height)
-        ratio = np.exp(rng.uniform(math.log(self.aspect[0]), math.log(self.aspect[1]), size=(self.n, tries)))
+        return self._boxes(rng, scale, width, height)
+
+    def _boxes(self, rng: np.random.Generator, scale: np.ndarray, width: int, height: int) -> np.ndarray:
+        """One box per row of ``scale`` (k, 2): the (low, high) area fraction of that box."""
+        k, tries = len(scale), 10
+        area = rng.uniform(scale[:, :1], scale[:, 1:], size=(k, tries)) * (width * height)
+        ratio = np.exp(rng.uniform(math.log(self.aspect[0]), math.log(self.aspect[1]), size=(k, tries)))
         w = np.sqrt(area * ratio)                                # pixels
         h = np.sqrt(area / ratio)
         ok = (w <= width) & (h <= height)
         pick = np.argmax(ok, axis=1)                             # first valid try (0 when none)
-        rows = np.arange(self.n)
+        rows = np.arange(k)
         w, h, any_ok = w[rows, pick], h[rows, pick], ok.any(axis=1)
         # Fallback: the largest centred box with the aspect clamped into range.
         frame_ratio = width / height
         fr = min(max(frame_ratio, self.aspect[0]), self.aspect[1])
         fw, fh = (height * fr, height) if frame_ratio > fr else (width, width / fr)
         w, h = np.where(any_ok, w, fw), np.where(any_ok, h, fh)
-        u = rng.random((self.n, 2))
+        u = rng.random((k, 2))
         x0 = np.where(any_ok, u[:, 0] * (width - w), (width - w) / 2)
         y0 = np.where(any_ok, u[:, 1] * (height - h), (height - h) / 2)
         return np.stack([y0 / height, x0 / width, h / height, w / width], axis=1).astype(np.float32)
 
-    def sample_aug(self, rng: np.random.Generator) -> np.ndarray:
-        """(n, AUG_DIM) float32 augmentation parameters (see module docstring)."""
-        n = self.n
+    def sample_aug(self, rng: np.random.Generator, count: int | None = None) -> np.ndarray:
+        """(count, AUG_DIM) float32 augmentation parameters (see module docstring); count defaults to n."""
+        n = self.n if count is None else count
         u = rng.random((n, 6))                                   # flip, jitter, grey, blur, solarize, sigma
         j = rng.uniform(-1.0, 1.0, size=(n, 4))                  # brightness, contrast, saturation, hue
         aug = np.zeros((n, AUG_DIM), dtype=np.float32)
@@ -197,6 +208,24 @@ class ViewSampler(ViewConfig):
         frame_idx = self.sample_frames(rng, num_frames)
         boxes = self.sample_boxes(rng, width, height)
         return Views(boxes=boxes, frame_idx=frame_idx, aug=self.sample_aug(rng))
+
+    def sample_next(self, rng: np.random.Generator, anchor: int, num_frames: int, width: int, height: int,
+                    count: int) -> Views:
+        """``count`` fresh views of the same clip, never rendered: the targets of the next actions A'.
+
+        Drawn by the rules that make the clip's own views (METHOD.md: A' is a sample of the action
+        distribution): each is global-sized with probability n_global / n, else local-sized; its frame
+        is the anchor or a time offset from it with the same p_dt0 and dt rule; its box and augmentation
+        follow the same rules. Call after ``sample`` on the same generator (the views stay unchanged).
+        """
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        is_global = rng.random(count) < self.n_global / self.n
+        dt0 = rng.random(count) < self.p_dt0
+        dt = np.where(dt0, 0, self._offsets(rng.random(count), anchor, num_frames))
+        scale = np.where(is_global[:, None], np.array(self.global_scale), np.array(self.local_scale)).reshape(count, 2)
+        boxes = self._boxes(rng, scale, width, height)
+        return Views(boxes=boxes, frame_idx=(anchor + dt).astype(np.int64), aug=self.sample_aug(rng, count))
 
 
 def decode_frame(data: bytes, suffix: str = "jpg") -> torch.Tensor:

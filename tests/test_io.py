@@ -91,8 +91,10 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(EncoderFileError, match="does not exist"):
         load_encoder(tmp_path / "missing.pt")
     write_checkpoint(tmp_path / "student_only.pt", teacher=False)
-    with pytest.raises(EncoderFileError, match="--which student"):
-        load_encoder(tmp_path / "student_only.pt")
+    with pytest.warns(UserWarning, match="no EMA .teacher. encoder.*using the student"):   # plain SimCLR: no teacher
+        fallback = load_encoder(tmp_path / "student_only.pt")
+    student = load_encoder(tmp_path / "student_only.pt", which="student")
+    assert all(torch.equal(a, b) for a, b in zip(fallback.state_dict().values(), student.state_dict().values()))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(EncoderFileError, match="junk.pt"):
         load_encoder(tmp_path / "junk.pt")

@@ -98,8 +98,10 @@ def test_still_image_mode_uses_one_frame_per_clip(test_shards):
 def _assert_same_batches(xs: list[dict], ys: list[dict], pixels: int) -> None:
     for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         assert x["key"] == y["key"], f"batch {i}"
-        for name in ("boxes", "frame_idx", "time_s", "aug", "clip_id"):
-            assert torch.equal(x[name], y[name]), f"batch {i} field {name}"
+        assert x.keys() == y.keys()
+        for name in ("boxes", "frame_idx", "time_s", "aug", "clip_id", "next_boxes", "next_frame_idx", "next_aug"):
+            if name in x:
+                assert torch.equal(x[name], y[name]), f"batch {i} field {name}"
         assert x["labels"] == y["labels"]
         if i < pixels:
             assert torch.equal(x["global"], y["global"]) and torch.equal(x["local"], y["local"])
@@ -110,13 +112,14 @@ def test_exact_resume_with_two_workers(tmp_path, resampled):
     shards = write_test_shards(tmp_path / "s", videos=4, clips_per_video=3, shard_clips=2)     # 6 shards
     cfg = _cfg(tmp_path / "s", resampled=resampled)
     k, m = 5, 7                                   # 3 clips a batch: crosses the epoch end of each worker
-    full = _take(build_loader(cfg, batch_size=3), k + m)
-    first = build_loader(cfg, batch_size=3)
+    full = _take(build_loader(cfg, batch_size=3, next_views=2), k + m)    # with bootstrapping's fresh views
+    assert full[0]["next_boxes"].shape == (3, 2, 4) and full[0]["next_aug"].shape == (3, 2, AUG_DIM)
+    first = build_loader(cfg, batch_size=3, next_views=2)
     it = iter(first)
     head = [next(it) for _ in range(k)]
     state = first.state_dict()
     del it, first
-    resumed = build_loader(cfg, batch_size=3)
+    resumed = build_loader(cfg, batch_size=3, next_views=2)
     resumed.load_state_dict(state)
     tail = _take(resumed, m)
     _assert_same_batches(full[:k], head, pixels=1)

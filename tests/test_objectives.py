@@ -6,28 +6,34 @@ import torch
 
 import abvid.train.objectives.bootstrap as bootstrap_mod
 from abvid.model import ModelConfig, build_encoder, encoder_kwargs
-from abvid.pipeline.actions import AUG_DIM, pairwise_actions
+from abvid.pipeline.actions import AUG_DIM, actions_between, pairwise_actions
 from abvid.train.objectives import ObjectiveConfig, build_objective
 from abvid.train.objectives.base import encode
 from abvid.train.objectives.bootstrap import run_value
 
 MODEL = ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2)
 SMALL = dict(num_prototypes=32, head_hidden_dim=64, head_bottleneck_dim=16, head_norm="ln", proj_hidden_dim=64,
-             proj_dim=16, decoder_dim=16, decoder_heads=2, action_bins=8, max_dt=4)
+             proj_dim=16, decoder_dim=16, decoder_heads=2, action_bins=8, max_dt=4, num_next_actions=3)
 TEXTS = {"texts": ["cat", "dog", "red car"]}
 
 
-def toy_batch(B: int = 4, ng: int = 2, nl: int = 2, seed: int = 0) -> dict:
+def toy_batch(B: int = 4, ng: int = 2, nl: int = 2, seed: int = 0, next_views: int = 3) -> dict:
+    """A loader-shaped batch: views, their parameters, and ``next_views`` fresh view parameters per clip."""
     g = torch.Generator().manual_seed(seed)
     n = ng + nl
-    hw = 0.2 + 0.6 * torch.rand(B, n, 2, generator=g)
-    yx = (1 - hw) * torch.rand(B, n, 2, generator=g)
-    return {"global": torch.randint(0, 256, (B, ng, 3, 32, 32), dtype=torch.uint8, generator=g),
-            "local": torch.randint(0, 256, (B, nl, 3, 16, 16), dtype=torch.uint8, generator=g),
-            "boxes": torch.cat([yx, hw], -1), "frame_idx": torch.randint(0, 4, (B, n), generator=g),
-            "time_s": torch.zeros(B, n), "aug": torch.rand(B, n, AUG_DIM, generator=g),
-            "key": [f"k{i}" for i in range(B)], "labels": [["cat"], ["dog"], [], ["cat", "red car"]][:B],
-            "clip_id": torch.arange(B)}
+
+    def boxes(k):
+        hw = 0.2 + 0.6 * torch.rand(B, k, 2, generator=g)
+        return torch.cat([(1 - hw) * torch.rand(B, k, 2, generator=g), hw], -1)
+    batch = {"global": torch.randint(0, 256, (B, ng, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "local": torch.randint(0, 256, (B, nl, 3, 16, 16), dtype=torch.uint8, generator=g),
+             "boxes": boxes(n), "frame_idx": torch.randint(0, 4, (B, n), generator=g),
+             "time_s": torch.zeros(B, n), "aug": torch.rand(B, n, AUG_DIM, generator=g),
+             "key": [f"k{i}" for i in range(B)], "labels": [["cat"], ["dog"], [], ["cat", "red car"]][:B],
+             "clip_id": torch.arange(B)}
+    batch.update(next_boxes=boxes(next_views), next_frame_idx=torch.randint(0, 4, (B, next_views), generator=g),
+                 next_aug=torch.rand(B, next_views, AUG_DIM, generator=g))
+    return batch
 
 
 def make(name: str = "dino", **kw):
@@ -40,8 +46,8 @@ def capture_targets(monkeypatch) -> list:
     seen = []
     real = bootstrap_mod.bootstrap_target
 
-    def spy(p, q, gamma):
-        y = real(p, q, gamma)
+    def spy(p, q, gamma, exclude=None):
+        y = real(p, q, gamma, exclude)
         seen.append(y)
         return y
     monkeypatch.setattr(bootstrap_mod, "bootstrap_target", spy)
@@ -52,8 +58,9 @@ def view_probs(obj, encoder, head, batch, teacher_temp):
     """p(l | view) recomputed view group by view group, the way METHOD.md defines it."""
     cls = torch.cat([encoder.embed(batch[k].flatten(0, 1)).view(4, 2, -1) for k in ("global", "local")], 1)
     z = head(cls)
-    if obj.family.__class__.__name__ == "DINOFamily":
-        return ((z @ head.prototypes().t() - obj.family.centre) / teacher_temp).softmax(-1)
+    if obj.family.__class__.__name__ == "DINOFamily":                # globals and locals: a centre each
+        centre = torch.cat([obj.family.centre.expand(2, -1), obj.family.centre_local.expand(2, -1)])
+        return ((z @ head.prototypes().t() - centre) / teacher_temp).softmax(-1)
     psi = z.reshape(8 * 2, -1)                                       # SimCLR: the batch's views, self excluded
     logits = (z @ psi.t()) / obj.family.temperature
     return logits.masked_fill(torch.eye(16, dtype=torch.bool).view(4, 4, 16), float("-inf")).softmax(-1)
@@ -67,6 +74,7 @@ def test_gamma_zero_target_is_ema_teacher_on_target_view(monkeypatch, name):
             p.add_(0.05 * torch.randn_like(p))
         if name == "dino":
             obj.family.centre.normal_(0, 0.1)
+            obj.family.centre_local.normal_(0, 0.1)
     seen = capture_targets(monkeypatch)
     batch = toy_batch()
     obj.loss(batch, teacher_temp=0.05)
@@ -77,30 +85,50 @@ def test_gamma_zero_target_is_ema_teacher_on_target_view(monkeypatch, name):
     assert not torch.allclose(seen[0], student, atol=1e-3)
 
 
-def test_target_network_false_uses_the_student(monkeypatch):
-    obj = make("dino", bootstrap=True, target_network=False).eval()
-    assert obj.teacher_encoder is None and obj.teacher_head is None and obj.teacher_value is None
+@pytest.mark.parametrize("name", ["dino", "simclr"])
+def test_target_network_false_bootstraps_from_the_student(monkeypatch, name):
+    """The paper's ablation: bootstrap targets from the online network. DINO keeps its momentum teacher
+    for its own base loss (otherwise the ablation would measure 'DINO without a teacher')."""
+    obj = make(name, bootstrap=True, target_network=False).eval()
+    assert obj.teacher_value is None
+    assert (obj.teacher_encoder is not None) == (name == "dino")
+    if name == "dino":
+        obj.family.centre_local.normal_(0, 0.1)
     seen = capture_targets(monkeypatch)
     batch = toy_batch()
     obj.loss(batch, teacher_temp=0.05)
     with torch.no_grad():
         expected = view_probs(obj, obj.student_encoder, obj.student_head, batch, 0.05)
     torch.testing.assert_close(seen[0], expected, rtol=1e-4, atol=1e-5)
-    obj.update_teacher(0.5)                                          # no teacher: a no-op, not an error
+    obj.update_teacher(0.5)                                          # DINO: EMA of its teacher; SimCLR: no-op
 
 
+@pytest.mark.parametrize("name,bootstrap,target_network,teacher", [
+    ("simclr", False, True, False), ("simclr", True, False, False), ("simclr", True, True, True),
+    ("clip", False, True, False), ("dino", False, True, True), ("dino", True, False, True)])
+def test_a_teacher_is_built_only_where_something_reads_it(name, bootstrap, target_network, teacher):
+    obj = make(name, bootstrap=bootstrap, target_network=target_network)
+    assert (obj.teacher_encoder is not None) == teacher and (obj.teacher_head is not None) == teacher
+    assert (obj.teacher_value is not None) == (bootstrap and target_network)
+    assert (not teacher) == (not any(k.startswith("teacher_") for k in obj.state_dict()))
+
+
+@pytest.mark.parametrize("name", ["dino", "simclr"])
 @pytest.mark.parametrize("target_network", [True, False])
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
-def test_no_gradient_reaches_the_target(monkeypatch, target_network, gamma):
-    obj = make("dino", bootstrap=True, gamma=gamma, target_network=target_network)
+def test_no_gradient_reaches_the_target(monkeypatch, name, target_network, gamma):
+    """Targets are computed without a graph: even teacher parameters that *could* take a gradient get none,
+    and no target tensor carries a grad_fn (target_network=False: the student's own outputs, detached)."""
+    obj = make(name, bootstrap=True, gamma=gamma, target_network=target_network)
+    teacher = [p for n, p in obj.named_parameters() if n.startswith("teacher_")]
+    for p in teacher:
+        p.requires_grad_(True)                                       # would collect gradients if y had a graph
     seen = capture_targets(monkeypatch)
     loss, metrics = obj.loss(toy_batch())
     loss.backward()
     assert seen and all(y.grad_fn is None and not y.requires_grad for y in seen)
-    if target_network:
-        assert all(p.grad is None for n, p in obj.named_parameters() if n.startswith("teacher_"))
-    if gamma > 0:
-        assert "bootstrap_target_entropy" in metrics
+    assert all(p.grad is None for p in teacher)
+    assert ("bootstrap_target_entropy" in metrics) == (gamma > 0)
 
 
 def test_gamma_positive_mixes_teacher_value_max(monkeypatch):
@@ -115,23 +143,28 @@ def test_gamma_positive_mixes_teacher_value_max(monkeypatch):
     assert not torch.allclose(y, p, atol=1e-4)                       # the value term changes the target
 
 
-def test_next_actions_leave_the_target_view(monkeypatch):
-    """A' for view j: num_next_actions distinct actions j -> k, k != j, fed to the EMA value decoder."""
+def test_next_actions_go_from_the_target_view_to_fresh_views(monkeypatch):
+    """A' for view j: the actions j -> fresh view m (the batch's next_* parameters), M of them, read by the
+    EMA value decoder on view j; never a move to another view of the batch, so never the return move j -> i."""
     obj = make("dino", bootstrap=True, gamma=0.5, num_next_actions=2)
     calls = []
     real = bootstrap_mod.run_value
     monkeypatch.setattr(bootstrap_mod, "run_value", lambda v, e, a: calls.append((v, a)) or real(v, e, a))
-    batch = toy_batch()
+    batch = toy_batch(next_views=3)
     obj.loss(batch)
-    (v_s, pair_actions), (v_t, next_actions) = calls
+    (v_t, next_actions), (v_s, pair_actions) = calls                 # targets first, then the trained pairs
     assert v_s is obj.student_value and v_t is obj.teacher_value
     assert pair_actions.shape[:3] == (4, 4, 3) and next_actions.shape[:3] == (4, 4, 2)
-    actions = pairwise_actions(batch["boxes"], batch["frame_idx"], batch["aug"])       # (B, n, n, A)
+    expected = actions_between(batch["boxes"], batch["frame_idx"], batch["aug"], batch["next_boxes"][:, :2],
+                               batch["next_frame_idx"][:, :2], batch["next_aug"][:, :2])
+    torch.testing.assert_close(next_actions, expected)
+    pairs = pairwise_actions(batch["boxes"], batch["frame_idx"], batch["aug"])
     for b in range(4):
         for j in range(4):
-            hits = [[k for k in range(4) if torch.equal(next_actions[b, j, m], actions[b, j, k])] for m in range(2)]
-            ks = [h[0] for h in hits]
-            assert all(len(h) == 1 for h in hits) and j not in ks and len(set(ks)) == 2
+            for m in range(2):
+                assert not any(torch.allclose(next_actions[b, j, m], pairs[b, j, i]) for i in range(4))
+    with pytest.raises(ValueError, match="next views"):
+        obj.loss({k: v for k, v in batch.items() if not k.startswith("next_")})
 
 
 def test_config_keys_fail_loudly():

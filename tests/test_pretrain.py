@@ -253,6 +253,11 @@ def test_view_sizes_checked_against_the_patch_grid_before_training(shards, tmp_p
     r = subprocess.run(cli(shards, tmp_path / "run", "data.global_size=36"), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "data.global_size=36 is not a multiple of model.patch_size=8" in r.stderr
+    # the action's dt table must reach the largest |dt| between two views (2 x data.max_dt when symmetric)
+    with pytest.raises(ConfigError, match=r"objective.max_dt=5 is below the largest \|dt\| between two views \(8"):
+        check_sizes(cfg("data.max_dt=4", "objective.max_dt=5", "objective.bootstrap=true"))
+    assert check_sizes(cfg("data.max_dt=4", "objective.max_dt=8", "objective.bootstrap=true")) == []
+    assert check_sizes(cfg("data.max_dt=4", "objective.max_dt=0", "objective.bootstrap=true")) == []   # derived
 
 
 @pytest.mark.slow

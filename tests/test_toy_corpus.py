@@ -112,3 +112,34 @@ def test_help_explains_options(capsys):
     text = capsys.readouterr().out
     for word in ("--videos", "--seconds", "--size", "--fps", "--seed", "annotations.csv"):
         assert word in text
+
+
+def test_crowd_kind_four_objects_of_eight_classes_in_square_frames(tmp_path):
+    paths = T.make_toy_corpus(tmp_path, videos=4, seconds=3.0, fps=8.0, seed=0, kind="crowd")
+    rows = _rows(tmp_path)
+    per_video: dict[str, list[dict]] = {}
+    for r in rows:
+        assert r["label"] in T.CROWD_CLASSES
+        per_video.setdefault(r["video"], []).append(r)
+    assert set(per_video) == {p.name for p in paths}
+    for objs in per_video.values():
+        assert len(objs) == 4 and len({r["label"] for r in objs}) == 4          # distinct classes
+        assert any(float(r["start_s"]) == 0.0 and float(r["end_s"]) == 3.0 for r in objs)   # a label every frame
+    with av.open(str(paths[0])) as c:
+        s = c.streams.video[0]
+        assert (s.codec_context.width, s.codec_context.height) == (96, 96)
+    with pytest.raises(ValueError, match="unknown kind"):
+        T.make_toy_corpus(tmp_path / "x", videos=1, kind="zoo")
+
+
+def test_crowd_objects_stay_in_their_quadrant():
+    rng = np.random.default_rng(0)
+    objs = T._plan_crowd(rng, n_frames=60, fps=12.0, w=96, h=96)
+    for o in objs:
+        x_lo, x_hi, y_lo, y_hi = o["bounds"]
+        assert (x_hi - x_lo, y_hi - y_lo) == (48, 48)
+        for _ in range(60):
+            T._step(o)
+            assert x_lo + o["radius"] - 1e-9 <= o["pos"][0] <= x_hi - o["radius"] + 1e-9
+            assert y_lo + o["radius"] - 1e-9 <= o["pos"][1] <= y_hi - o["radius"] + 1e-9
+    assert sorted((o["bounds"][0], o["bounds"][2]) for o in objs) == [(0, 0), (0, 48), (48, 0), (48, 48)]

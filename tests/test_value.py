@@ -40,6 +40,21 @@ def test_tokenizer_shapes_and_temporal_switch():
     assert torch.equal(no_t(a), no_t(b))                       # ... unless temporal=False
 
 
+def test_fourier_place_tokens_resolve_a_tenth_of_a_box_where_16_bins_do_not():
+    """A local crop inside a global view: dy 0.30 vs 0.40 (and 0.05 vs 0.15) must not look alike to Q."""
+    torch.manual_seed(0)
+    fourier, bins = ActionTokenizer(16, num_bins=16, encoding="fourier"), ActionTokenizer(16, num_bins=16,
+                                                                                          encoding="bins")
+    a = torch.zeros(4, ACTION_DIM)
+    a[:, ACTION_FIELDS.index("dy")] = torch.tensor([0.30, 0.40, 0.05, 0.15])
+    for tok, distinct in ((fourier, True), (bins, False)):
+        t = tok(a)[:, 0]                                               # the dy token
+        assert (not torch.allclose(t[0], t[1])) == distinct and (not torch.allclose(t[2], t[3])) == distinct
+    assert fourier(a).shape == bins(a).shape == (4, 6, 16)
+    with pytest.raises(ValueError, match="fourier"):
+        ActionTokenizer(16, encoding="sine")
+
+
 def test_tokenizer_mask_tokens_ignore_the_action():
     tok = ActionTokenizer(16, num_bins=8, action_tokens=False)
     a, b = random_actions(2, 4, seed=0), random_actions(2, 4, seed=1)

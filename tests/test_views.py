@@ -71,6 +71,34 @@ def test_forward_and_symmetric_offsets():
     assert np.all(ViewSampler(max_dt=5, p_dt0=0.0).sample_frames(_rng(), 1) == 0)     # one-frame clip
 
 
+def test_next_views_follow_the_view_rules_and_leave_the_views_unchanged():
+    """A' targets: drawn after the views from the same generator (the views are those of sample alone),
+    sized global or local, on the anchor or within max_dt of it, with the same augmentation rules."""
+    vs = ViewSampler(max_dt=3, p_dt0=0.25)
+    W, H = 455, 256
+    kinds, dts = set(), set()
+    for i in range(100):
+        rng = _rng(i)
+        v = vs.sample(rng, 12, W, H)
+        nxt = vs.sample_next(rng, int(v.frame_idx[0]), 12, W, H, count=5)
+        alone = vs.sample(_rng(i), 12, W, H)
+        assert all(np.array_equal(a, b) for a, b in zip((v.boxes, v.frame_idx, v.aug),
+                                                          (alone.boxes, alone.frame_idx, alone.aug)))
+        assert nxt.boxes.shape == (5, 4) and nxt.frame_idx.shape == (5,) and nxt.aug.shape == (5, AUG_DIM)
+        dt = nxt.frame_idx - v.frame_idx[0]
+        assert np.all(np.abs(dt) <= 3) and nxt.frame_idx.min() >= 0 and nxt.frame_idx.max() <= 11
+        dts |= set(dt.tolist())
+        area = nxt.boxes[:, 2] * nxt.boxes[:, 3]
+        kinds |= {"global" if a >= 0.32 - 1e-6 else "local" for a in area}
+        assert np.all((area >= 0.05 - 1e-6) & (area <= 1 + 1e-6))
+        again = ViewSampler(max_dt=3, p_dt0=0.25)
+        rng2 = _rng(i)
+        again.sample(rng2, 12, W, H)
+        assert np.array_equal(again.sample_next(rng2, int(v.frame_idx[0]), 12, W, H, 5).boxes, nxt.boxes)
+    assert kinds == {"global", "local"} and 0 in dts and {-3, 3} <= dts
+    assert ViewSampler(max_dt=4).max_abs_dt() == 8 and ViewSampler(max_dt=4, dt_mode="forward").max_abs_dt() == 4
+
+
 def test_aug_params_zero_when_disabled_and_in_range_otherwise():
     off = ViewSampler(flip_p=0, jitter_p=0, grey_p=0, blur_p=0, solarize_p=0)
     assert not off.sample_aug(_rng()).any()

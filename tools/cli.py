@@ -4,7 +4,7 @@ The three jobs:
   1. abvid preprocess VIDEOS... --out SHARDS        videos -> WebDataset shards of frames
   2. abvid pretrain CONFIG.yaml --out RUN           train an encoder on frame transitions
   3. abvid embed --checkpoint CKPT VIDEOS... --out EMB, then abvid probe --embeddings EMB --labels L.csv
-Also: toy-corpus (synthetic videos to try it on), export, inspect, bench.
+Also: toy-corpus (synthetic videos to try it on), export, inspect, ablate, bench.
 `abvid COMMAND --help` explains each command's options.
 
 Exit codes (all commands):
@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("abvid.tools.cmd_probe", "linear / k-NN probe of embeddings against frame labels"),
     "export": ("abvid.tools.cmd_export", "write the encoder of a checkpoint alone (safetensors)"),
     "inspect": ("abvid.tools.cmd_inspect", "summarise shards and draw a contact sheet of clips and sampled views"),
+    "ablate": ("abvid.tools.cmd_ablate", "seeded ablation of annotation bootstrapping: runs, probes, table"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "preprocess": ("abvid.tools.bench.preprocess", "preprocessing frames/s vs decode-only"),

@@ -1,11 +1,31 @@
-"""Generate a synthetic H.264 video corpus with per-segment labels (issue 2 item 3).
+"""Generate a synthetic H.264 video corpus with per-segment labels, to try abvid on data it makes itself.
 
     abvid toy-corpus data/toy --videos 24 --seconds 6 --size 128x96 --fps 12 --seed 0
+    abvid toy-corpus data/crowd --kind crowd --videos 48 --seed 0
 
 writes OUT/toy_0000.mp4 ... and OUT/annotations.csv (``video,start_s,end_s,label``, one row
 per object segment; ``video`` is the file name relative to OUT). Same seed -> same bytes.
 
-Why it looks the way it does:
+Two kinds of scene:
+
+* ``shapes`` (default): one to three large objects roaming the whole frame.
+* ``crowd``: four smaller objects of distinct classes out of eight, each kept in its own
+  quadrant of a square frame (96x96 by default: the probe's centre crop keeps all four),
+  appearing and disappearing in segments; so two distant crops of one frame see different
+  objects. The frame's labels are the classes present. This is the corpus where invariance should fail, and the argument was written
+  down before any result on it was seen: an invariance method (SimCLR) pulls two views of a
+  clip together whatever they show; when the views are distant crops holding different
+  objects, the only features that agree across them are those of the clip as a whole (hue
+  palette, noise statistics, which classes co-occur), not the shape in front of the crop,
+  so the gradient teaches little about object identity and the crop-level features blur
+  the three objects together. Annotation bootstrapping instead asks the features of one
+  crop, given *where* another crop lies, to predict that crop's annotation: what is in the
+  top-left quadrant differs from what is in the bottom-right one, so the value head can only do this
+  if the features keep each object apart and locate it. The prediction, written before the
+  runs: AB over its base method gains more on ``crowd`` than on ``shapes``, and the
+  no-action-tokens ablation (Q blind to where the target is) loses that gain.
+
+Why the shapes look the way they do:
   * Classes are defined by SHAPE or TEXTURE only (disc, ring, square, triangle, cross,
     stripes); every object instance gets a random colour, size, spin and path, so colour
     alone predicts nothing and a random-init encoder (which mostly sees colour) probes
@@ -36,6 +56,9 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes")
+CROWD_CLASSES = CLASSES + ("star", "bar")
+KINDS = ("shapes", "crowd")
+DEFAULT_SIZE = {"shapes": (128, 96), "crowd": (96, 96)}
 
 
 def _shape_mask(cls: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -51,7 +74,11 @@ def _shape_mask(cls: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (v <= 0.5) & (np.sqrt(3.0) * np.abs(u) - v <= 1.0)
     if cls == "cross":
         return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
-    raise ValueError(f"unknown class {cls!r}; known: {CLASSES}")
+    if cls == "star":       # five points
+        return np.sqrt(r2) <= 0.55 + 0.4 * np.cos(5 * np.arctan2(v, u))
+    if cls == "bar":        # a 3:1 rectangle (it spins, so its orientation says nothing)
+        return (np.abs(u) <= 0.95) & (np.abs(v) <= 0.32)
+    raise ValueError(f"unknown class {cls!r}; known: {CROWD_CLASSES}")
 
 
 def _hsv_colour(h: float, s: float, v: float) -> np.ndarray:
@@ -88,7 +115,38 @@ def _plan_objects(rng: np.random.Generator, n_frames: int, fps: float, w: int, h
                          pos=np.array([rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)]),
                          vel=speed * np.array([np.cos(heading), np.sin(heading)]) / fps,
                          angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-1.5, 1.5) / fps,
-                         stripes=rng.uniform(2.5, 4.0), f0=f0, f1=f1))
+                         stripes=rng.uniform(2.5, 4.0), f0=f0, f1=f1, bounds=(0.0, float(w), 0.0, float(h))))
+    return objs
+
+
+def _plan_crowd(rng: np.random.Generator, n_frames: int, fps: float, w: int, h: int) -> list[dict]:
+    """Four objects of distinct classes out of eight, one per quadrant of the frame (kept there), each on
+    screen for a segment of at least 1.5 s; one of them, at random, stays for the whole video."""
+    classes = rng.choice(len(CROWD_CLASSES), size=4, replace=False)
+    always = int(rng.integers(0, 4))
+    min_len = min(n_frames, max(1, round(1.5 * fps)))
+    objs = []
+    for cell, c in enumerate(classes):
+        x_lo, y_lo = (cell % 2) * w / 2, (cell // 2) * h / 2
+        x_hi, y_hi = x_lo + w / 2, y_lo + h / 2
+        radius = rng.uniform(0.28, 0.38) * min(w, h) / 2                # 56-76% of its quadrant's side
+        if cell == always:
+            f0, f1 = 0, n_frames
+        else:
+            length = int(rng.integers(min_len, n_frames + 1))
+            f0 = int(rng.integers(0, n_frames - length + 1))
+            f1 = f0 + length
+        speed = rng.uniform(0.1, 0.3) * min(w, h)
+        heading = rng.uniform(0, 2 * np.pi)
+        hue, sat, val = rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0)
+        hue_rate = rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.5) / fps
+        objs.append(dict(cls=CROWD_CLASSES[int(c)], hue=hue, sat=sat, val=val, hue_rate=hue_rate,
+                         colour=_hsv_colour(hue, sat, val), radius=radius,
+                         pos=np.array([rng.uniform(x_lo + radius, x_hi - radius),
+                                       rng.uniform(y_lo + radius, y_hi - radius)]),
+                         vel=speed * np.array([np.cos(heading), np.sin(heading)]) / fps,
+                         angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-1.5, 1.5) / fps,
+                         stripes=rng.uniform(2.5, 4.0), f0=f0, f1=f1, bounds=(x_lo, x_hi, y_lo, y_hi)))
     return objs
 
 
@@ -124,25 +182,26 @@ def _draw(img: np.ndarray, o: dict) -> None:
     region[mask] = colour[mask]
 
 
-def _step(o: dict, w: int, h: int) -> None:
-    """Advance one frame: move, bounce off the borders, spin."""
+def _step(o: dict) -> None:
+    """Advance one frame: move, bounce off the borders of the object's region, spin."""
     o["pos"] = o["pos"] + o["vel"]
-    for axis, size in ((0, w), (1, h)):
-        if not o["radius"] <= o["pos"][axis] <= size - o["radius"]:
+    x_lo, x_hi, y_lo, y_hi = o["bounds"]
+    for axis, (lo, hi) in ((0, (x_lo, x_hi)), (1, (y_lo, y_hi))):
+        if not lo + o["radius"] <= o["pos"][axis] <= hi - o["radius"]:
             o["vel"][axis] = -o["vel"][axis]
-            o["pos"][axis] = np.clip(o["pos"][axis], o["radius"], size - o["radius"])
+            o["pos"][axis] = np.clip(o["pos"][axis], lo + o["radius"], hi - o["radius"])
     o["angle"] += o["spin"]
     o["hue"] += o["hue_rate"]
     o["colour"] = _hsv_colour(o["hue"], o["sat"], o["val"])
 
 
 def _write_video(path: Path, seed: int, index: int, seconds: float, w: int, h: int,
-                 fps: float) -> list[tuple[float, float, str]]:
+                 fps: float, kind: str = "shapes") -> list[tuple[float, float, str]]:
     import av
 
     rng = np.random.default_rng([seed, index])
     n_frames = max(1, round(seconds * fps))
-    objs = _plan_objects(rng, n_frames, fps, w, h)
+    objs = (_plan_crowd if kind == "crowd" else _plan_objects)(rng, n_frames, fps, w, h)
     rate = Fraction(fps).limit_denominator(1000)
     with av.open(str(path), "w", format="mp4") as out:
         # Reproducible bytes: one x264 thread, and no macroblock-tree rate control (mbtree made
@@ -156,7 +215,7 @@ def _write_video(path: Path, seed: int, index: int, seconds: float, w: int, h: i
             for o in objs:
                 if o["f0"] <= k < o["f1"]:
                     _draw(img, o)
-                _step(o, w, h)
+                _step(o)
             frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
             frame.pts = k
             frame.time_base = 1 / rate
@@ -168,18 +227,24 @@ def _write_video(path: Path, seed: int, index: int, seconds: float, w: int, h: i
 
 
 def make_toy_corpus(out: str | Path, videos: int = 24, seconds: float = 6.0,
-                    size: tuple[int, int] = (128, 96), fps: float = 12.0, seed: int = 0) -> list[Path]:
-    """Write ``videos`` clips and ``annotations.csv`` into ``out``; returns the video paths."""
-    w, h = size
+                    size: tuple[int, int] | None = None, fps: float = 12.0, seed: int = 0,
+                    kind: str = "shapes") -> list[Path]:
+    """Write ``videos`` clips of scene ``kind`` and ``annotations.csv`` into ``out``; returns the video paths.
+
+    ``size`` (width, height) defaults to 128x96 for ``shapes`` and 96x96 for ``crowd``.
+    """
+    w, h = size or DEFAULT_SIZE.get(kind, (128, 96))
     if videos < 1 or seconds <= 0 or fps <= 0 or w < 16 or h < 16 or w % 2 or h % 2:
         raise ValueError(f"need videos >= 1, seconds > 0, fps > 0 and even width, height >= 16; "
                          f"got videos={videos}, seconds={seconds}, fps={fps}, size={w}x{h}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, rows = [], []
     for i in range(videos):
         path = out / f"toy_{i:04d}.mp4"
-        for start, end, label in _write_video(path, seed, i, seconds, w, h, fps):
+        for start, end, label in _write_video(path, seed, i, seconds, w, h, fps, kind):
             rows.append((path.name, f"{start:.3f}", f"{end:.3f}", label))
         paths.append(path)
     tmp = out / "annotations.csv.tmp"
@@ -214,14 +279,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="output folder (created); videos + annotations.csv")
     parser.add_argument("--videos", type=_positive(int), default=24, help="number of videos")
     parser.add_argument("--seconds", type=_positive(float), default=6.0, help="length of each video")
-    parser.add_argument("--size", type=_size, default=(128, 96), help="frame size WxH (even numbers)")
+    parser.add_argument("--size", type=_size, default=None,
+                        help="frame size WxH (even numbers); default 128x96 for shapes, 96x96 for crowd")
     parser.add_argument("--fps", type=_positive(float), default=12.0, help="frame rate")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files")
+    parser.add_argument("--kind", choices=KINDS, default="shapes",
+                        help="shapes: 1-3 large objects roaming the frame; crowd: 4 objects of 8 classes, one per "
+                             "quadrant of the frame, so distant crops see different objects")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        paths = make_toy_corpus(args.out, args.videos, args.seconds, args.size, args.fps, args.seed)
+        paths = make_toy_corpus(args.out, args.videos, args.seconds, args.size, args.fps, args.seed, args.kind)
     except ValueError as e:     # exit codes as in tools/cli.py: 2 usage, 3 job failed
         print(f"abvid toy-corpus: {e}", file=sys.stderr)
         return 2
@@ -230,5 +299,5 @@ def main(args: argparse.Namespace) -> int:
         return 3
     total = sum(p.stat().st_size for p in paths)
     print(f"wrote {len(paths)} videos ({total / 1e6:.1f} MB) and {Path(args.out) / 'annotations.csv'}; "
-          f"classes: {', '.join(CLASSES)}")
+          f"classes: {', '.join(CROWD_CLASSES if args.kind == 'crowd' else CLASSES)}")
     return 0

@@ -103,6 +103,11 @@ def check_sizes(cfg: PretrainConfig) -> list[str]:
         if size % p:
             near = max(p, round(size / p) * p)
             raise ConfigError(f"{key}={size} is not a multiple of model.patch_size={p}: use e.g. {key}={near}")
+    need = cfg.data.view_sampler().max_abs_dt()
+    if cfg.objective.bootstrap and cfg.objective.temporal and 0 < cfg.objective.max_dt < need:
+        raise ConfigError(f"objective.max_dt={cfg.objective.max_dt} is below the largest |dt| between two views "
+                          f"({need}: data.max_dt={cfg.data.max_dt}, dt_mode={cfg.data.dt_mode}); larger offsets "
+                          f"would share the edge token. Set objective.max_dt=0 (derived from the data) or >= {need}")
     if cfg.model.img_size != cfg.data.global_size:
         return [f"model.img_size={cfg.model.img_size} differs from data.global_size={cfg.data.global_size}: the "
                 f"position embedding is resized for every global view; set model.img_size={cfg.data.global_size} "

@@ -80,10 +80,15 @@ def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True) -> dict:
         torch.set_num_threads(tc.threads)
     ctx = dist.init(tc.device)
     try:
-        data_info = {"texts": corpus_texts(cfg.data)} if cfg.objective.name == "clip" else None
+        data_info: dict[str, Any] = {"max_abs_dt": cfg.data.view_sampler().max_abs_dt()}
+        if cfg.objective.name == "clip":
+            data_info["texts"] = corpus_texts(cfg.data)
         seed_everything(tc.seed)  # the same on every rank: identical student and teacher init
         objective = build_objective(cfg.objective, cfg.model, data_info)
-        loader = build_loader(cfg.data, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size)
+        oc = cfg.objective     # bootstrapping's next actions A' go to fresh views the loader samples
+        next_views = oc.num_next_actions if oc.bootstrap and oc.gamma > 0 else 0
+        loader = build_loader(cfg.data, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                              next_views=next_views)
         on_device = None if cfg.data.aug_in_loader else augment_on_device
         return train(objective, loader, tc, run_dir, ctx, to_dict(cfg), encoder_kwargs(cfg.model), resume,
                      on_device=on_device)

@@ -55,17 +55,23 @@ def parse_views(spec: str) -> tuple[int, int, int, int]:
     return ng, gs, nl, ls
 
 
-def random_batch(B: int, ng: int, gs: int, nl: int, ls: int, device: str) -> dict:
+def random_batch(B: int, ng: int, gs: int, nl: int, ls: int, device: str, next_views: int = 4) -> dict:
+    """Random pixels and view parameters shaped like a loader batch, with ``next_views`` fresh views per clip
+    (the targets of bootstrapping's next actions when gamma > 0)."""
     from abvid.pipeline.actions import AUG_DIM
     g = torch.Generator().manual_seed(0)
     n = ng + nl
-    hw = 0.2 + 0.8 * torch.rand(B, n, 2, generator=g)
-    yx = (1 - hw) * torch.rand(B, n, 2, generator=g)
+
+    def boxes(k: int) -> torch.Tensor:
+        hw = 0.2 + 0.8 * torch.rand(B, k, 2, generator=g)
+        return torch.cat([(1 - hw) * torch.rand(B, k, 2, generator=g), hw], -1)
     batch = {"global": torch.randint(0, 256, (B, ng, 3, gs, gs), dtype=torch.uint8, generator=g),
              "local": torch.randint(0, 256, (B, nl, 3, ls, ls), dtype=torch.uint8, generator=g),
-             "boxes": torch.cat([yx, hw], -1), "frame_idx": torch.randint(0, 8, (B, n), generator=g),
+             "boxes": boxes(n), "frame_idx": torch.randint(0, 8, (B, n), generator=g),
              "time_s": torch.zeros(B, n), "aug": torch.rand(B, n, AUG_DIM, generator=g),
-             "clip_id": torch.arange(B)}
+             "clip_id": torch.arange(B), "next_boxes": boxes(next_views),
+             "next_frame_idx": torch.randint(0, 8, (B, next_views), generator=g),
+             "next_aug": torch.rand(B, next_views, AUG_DIM, generator=g)}
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["key"] = [f"clip{i}" for i in range(B)]
     batch["labels"] = [[["cat"], ["dog"], []][i % 3] for i in range(B)]
@@ -88,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         obj = build_objective(merge(ocfg, {"bootstrap": bootstrap}), mcfg, data_info).to(args.device).train()
         opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-4)
         runs[name] = (obj, opt)
-    batch = random_batch(args.batch, ng, gs, nl, ls, args.device)
+    batch = random_batch(args.batch, ng, gs, nl, ls, args.device, next_views=ocfg.num_next_actions)
 
     def step(name: str) -> float:
         obj, opt = runs[name]

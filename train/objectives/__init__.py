@@ -8,9 +8,15 @@
 ``bootstrap=False`` is the plain base method (DINO / SimCLR / CLIP);
 ``bootstrap=True`` adds ``bootstrap_weight`` x the annotation-bootstrapping loss
 (bootstrap.py). Ablations: ``action_tokens=False`` (Q blind to the action),
-``target_network=False`` (targets from the student, no EMA copy),
+``target_network=False`` (bootstrap targets from the online network of the same
+step, detached; DINO keeps its own momentum teacher for its base loss),
 ``temporal=False`` (dt dropped from the action). The optimiser should exempt
 ``obj.no_weight_decay()`` from weight decay.
+
+``max_dt = 0`` (the default) sizes the action's dt table from the data:
+``data_info["max_abs_dt"]``, the largest |dt| the view sampler can put between
+two views (``ViewSampler.max_abs_dt``; ``train.config.check_sizes`` refuses an
+explicit value below it).
 """
 from __future__ import annotations
 
@@ -59,8 +65,9 @@ class ObjectiveConfig:
     decoder_dim: int = 128
     decoder_depth: int = 2
     decoder_heads: int = 4
-    action_bins: int = 16
-    max_dt: int = 16
+    action_encoding: Literal["fourier", "bins"] = "fourier"   # how dy, dx, log_sh, log_sw become tokens
+    action_bins: int = 16               # bins per field: augmentation fields, and place fields with "bins"
+    max_dt: int = 0                     # |dt| the dt token resolves, in corpus frames; 0 = from the data
 
 
 def build_objective(obj_cfg: ObjectiveConfig, model_cfg: ModelConfig,
@@ -69,7 +76,8 @@ def build_objective(obj_cfg: ObjectiveConfig, model_cfg: ModelConfig,
 
     data_info: optional facts about the data. ``"texts"``: every label / caption
     string of the corpus, used for the CLIP text vocabulary (without it all words
-    go to hashed buckets, with a warning).
+    go to hashed buckets, with a warning). ``"max_abs_dt"``: the largest |dt|
+    between two views (used when ``max_dt = 0``; 16 when absent).
     """
     c = obj_cfg
     encoder = build_encoder(**encoder_kwargs(model_cfg))
@@ -95,8 +103,10 @@ def build_objective(obj_cfg: ObjectiveConfig, model_cfg: ModelConfig,
         raise ValueError(f"unknown objective.name '{c.name}': expected dino, simclr or clip")
     value = None
     if c.bootstrap:
-        value = ValueDecoder(dim, ann_dim, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.action_bins, c.max_dt,
-                             temporal=c.temporal, action_tokens=c.action_tokens, init_temp=q_temp)
+        max_dt = c.max_dt or int((data_info or {}).get("max_abs_dt", 16))
+        value = ValueDecoder(dim, ann_dim, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.action_bins, max_dt,
+                             temporal=c.temporal, action_tokens=c.action_tokens, init_temp=q_temp,
+                             encoding=c.action_encoding)
     return Objective(family, encoder, head, value, target_network=c.target_network,
                      bootstrap_weight=c.bootstrap_weight, gamma=c.gamma, num_next_actions=c.num_next_actions,
                      default_teacher_temp=c.teacher_temp)

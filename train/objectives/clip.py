@@ -64,7 +64,8 @@ class CLIPFamily(nn.Module):
         texts, _ = batch_texts(batch["labels"])
         return head.text(texts), None                                  # (L, d)
 
-    def target_probs(self, head: CLIPHead, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float):
+    def target_probs(self, head: CLIPHead, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float,
+                     group: str = "global"):
         return scored(z, psi, head.scale(), None).softmax(-1)          # (B, n_t, L)
 
     def base_loss(self, head: CLIPHead, z: torch.Tensor, psi: torch.Tensor, p_t, batch: dict[str, Any]):
@@ -88,5 +89,5 @@ class CLIPFamily(nn.Module):
         return 0.5 * (i2t + t2i), {"clip_temp": 1.0 / head.scale().detach(), "label_acc": acc,
                                    "num_texts": float(psi.shape[0])}
 
-    def update_state(self, z: torch.Tensor, psi: torch.Tensor) -> None:
+    def update_state(self, z_global: torch.Tensor, psi: torch.Tensor, z_local: torch.Tensor | None = None) -> None:
         pass

@@ -7,6 +7,13 @@ Annotations ``l`` are the K prototypes of the DINO head (model/heads.py);
 cross-entropy: every teacher global view against every student view of the
 same clip except itself.
 
+Groups. DINO's teacher sees the global views only, and its head normalises over
+them alone. Annotation bootstrapping also needs teacher targets for the local
+views; those come from a second teacher head call over the locals (their own
+BatchNorm statistics) centred by a centre of their own (``centre_local``), so the
+globals' targets -- and therefore DINO's own loss -- are exactly those of plain
+DINO (METHOD.md: the base loss is computed as the base method computes it).
+
 Collapse and the toy-scale recipe (METHOD.md "known traps"). Built in:
 prototypes with a weight-norm gain fixed at 1 and no weight decay
 (model/heads.py); ``head_norm`` (normalisation in the head's hidden layers);
@@ -62,14 +69,17 @@ class DINOFamily(nn.Module):
     def __init__(self, num_prototypes: int, student_temp: float = 0.1, centre_momentum: float = 0.9):
         super().__init__()
         self.student_temp, self.centre_momentum = student_temp, centre_momentum
-        self.register_buffer("centre", torch.zeros(1, num_prototypes))
+        self.register_buffer("centre", torch.zeros(1, num_prototypes))          # of the global views
+        self.register_buffer("centre_local", torch.zeros(1, num_prototypes))    # of the local views (AB only)
 
     def annotations(self, head: nn.Module, z: torch.Tensor, batch: dict[str, Any]):
         return head.prototypes(), None                                 # (K, d), no exclusions
 
-    def target_probs(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float):
+    def target_probs(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float,
+                     group: str = "global"):
         cos = scored(z, psi, 1.0, None)                                # (B, n_t, K)
-        return ((cos - self.centre) / teacher_temp).softmax(-1)
+        centre = self.centre if group == "global" else self.centre_local
+        return ((cos - centre) / teacher_temp).softmax(-1)
 
     def base_loss(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, p_t: torch.Tensor,
                   batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -84,10 +94,13 @@ class DINOFamily(nn.Module):
         return loss, {"student_temp": self.student_temp}
 
     @torch.no_grad()
-    def update_state(self, z: torch.Tensor, psi: torch.Tensor) -> None:
-        """Centre <- m * centre + (1 - m) * mean teacher cosine over the batch (all ranks)."""
-        mean = scored(z, psi, 1.0, None).mean(dim=(0, 1))[None]       # (1, K)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(mean)
-            mean /= dist.get_world_size()
-        self.centre.mul_(self.centre_momentum).add_(mean, alpha=1.0 - self.centre_momentum)
+    def update_state(self, z_global: torch.Tensor, psi: torch.Tensor, z_local: torch.Tensor | None = None) -> None:
+        """Centre <- m * centre + (1 - m) * mean teacher cosine over the batch (all ranks), per group."""
+        for z, centre in ((z_global, self.centre), (z_local, self.centre_local)):
+            if z is None or z.shape[1] == 0:
+                continue
+            mean = scored(z, psi, 1.0, None).mean(dim=(0, 1))[None]   # (1, K)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            centre.mul_(self.centre_momentum).add_(mean, alpha=1.0 - self.centre_momentum)

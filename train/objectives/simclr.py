@@ -91,7 +91,8 @@ class SimCLRFamily(nn.Module):
         psi, offset = gather_views(z.reshape(B * n, -1))              # (W*B*n, d): every rank's views
         return psi, self_mask(B, n, z.device, psi.shape[0], offset)   # exclude (B, n, W*B*n)
 
-    def target_probs(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float):
+    def target_probs(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float,
+                     group: str = "global"):
         return scored(z, psi, 1.0 / self.temperature, exclude).softmax(-1)
 
     def base_loss(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, p_t, batch: dict[str, Any]):
@@ -110,5 +111,5 @@ class SimCLRFamily(nn.Module):
             acc = pos.gather(-1, top[..., None]).float().mean()
         return loss, {"instance_acc": acc, "temperature": self.temperature}
 
-    def update_state(self, z: torch.Tensor, psi: torch.Tensor) -> None:
+    def update_state(self, z_global: torch.Tensor, psi: torch.Tensor, z_local: torch.Tensor | None = None) -> None:
         pass

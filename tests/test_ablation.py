@@ -1,0 +1,110 @@
+"""train/ablation.py and `abvid ablate`: the run plan, the table's statistics, the table rebuilt from run folders,
+and (slow) a real two-row, two-seed ablation through the CLI that a rerun skips."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from abvid.train.ablation import ROWS, Plan, collect, commands, format_table, table, write_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import write_test_shards  # noqa: E402
+
+
+def test_rows_pair_with_the_base_through_their_seeds():
+    plan = Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out"), overrides=("a.b=1",))
+    ab, base = plan.run_overrides("ab", 3), plan.run_overrides("base", 3)
+    assert ab[-2:] == base[-2:] == ["train.seed=3", "data.seed=3"]     # same init and same views as the base
+    assert "objective.bootstrap=false" in base and "objective.bootstrap=true" in ab and "a.b=1" in ab
+    assert "objective.action_tokens=false" in plan.run_overrides("ab_no_actions", 0)
+    assert "train.steps=0" in plan.run_overrides("random", 0)
+    pre, emb, probe = commands(plan, "ab", 3)
+    assert pre[3:6] == ["pretrain", "c.yaml", "--out"] and pre[6].endswith("runs/ab/seed3")
+    assert "P" in emb and probe[probe.index("--seed") + 1] == "0"
+
+
+def test_table_means_stds_and_paired_differences():
+    results = {"base": {0: {"linear": 0.50, "knn": 0.40}, 1: {"linear": 0.60, "knn": 0.50},
+                        2: {"linear": 0.55, "knn": 0.45}},
+               "ab": {0: {"linear": 0.53, "knn": 0.44}, 1: {"linear": 0.62, "knn": 0.55},
+                      2: {"linear": 0.58, "knn": 0.49}}}
+    t = table(results)
+    base, ab = t["rows"]["base"], t["rows"]["ab"]
+    assert math.isclose(base["linear"]["mean"], 0.55) and math.isclose(base["linear"]["std"], 0.05)
+    assert "diff_vs_base" not in base["linear"]
+    d = ab["knn"]["diff_vs_base"]                                     # differences 0.04, 0.05, 0.04
+    assert [round(v, 6) for v in d["values"]] == [0.04, 0.05, 0.04]
+    assert math.isclose(d["mean"], 0.13 / 3) and math.isclose(d["se"], 0.005773502691896 / math.sqrt(3), rel_tol=1e-6)
+    assert d["above_2se"]                                             # a small but consistent gain
+    lin = ab["linear"]["diff_vs_base"]                                # 0.03, 0.02, 0.03: also consistent
+    assert lin["above_2se"]
+    noisy = table({"base": results["base"], "ab": {0: {"linear": 0.60, "knn": 0.30}, 1: {"linear": 0.55, "knn": 0.6},
+                                                   2: {"linear": 0.50, "knn": 0.45}}})
+    assert not noisy["rows"]["ab"]["linear"]["diff_vs_base"]["above_2se"]
+    md = format_table(t)
+    assert "| AB (gamma = 0) | 3 | 57.7 ± 4.5 | 49.3 ± 5.5 | +2.7 ± 0.3 (>2SE) | +4.3 ± 0.3 (>2SE) |" in md
+
+
+def _fake_run(out: Path, row: str, seed: int, linear: float, knn: float, finished: bool = True) -> None:
+    run = out / "runs" / row / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "ablation.json").write_text(json.dumps({"row": row, "seed": seed}))
+    if finished:
+        (run / "probe.json").write_text(json.dumps({"results": [{"method": "linear", "score": linear},
+                                                                {"method": "knn", "score": knn}]}))
+
+
+def test_the_table_is_rebuilt_from_the_run_folders_alone(tmp_path):
+    _fake_run(tmp_path, "base", 0, 0.5, 0.4)
+    _fake_run(tmp_path, "base", 1, 0.6, 0.5)
+    _fake_run(tmp_path, "ab", 0, 0.55, 0.45)
+    _fake_run(tmp_path, "ab", 1, 0.6, 0.6, finished=False)           # interrupted: not in the table
+    assert collect(tmp_path) == {"base": {0: {"linear": 0.5, "knn": 0.4}, 1: {"linear": 0.6, "knn": 0.5}},
+                                 "ab": {0: {"linear": 0.55, "knn": 0.45}}}
+    md = write_table(tmp_path)
+    assert "| AB (gamma = 0) | 1 | 55.0 | 45.0 | +5.0 | +5.0 |" in md
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"]["ab"]["knn"]["diff_vs_base"]["n"] == 1 and (tmp_path / "table.md").read_text().startswith(md)
+
+
+def test_cli_usage_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "abvid.tools.cli", "ablate", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "CONFIG.yaml, --shards, --probe, --labels required" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "abvid.tools.cli", "ablate", "--table-only", "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "holds no ablation runs" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_real_ablation_runs_probes_tabulates_and_skips_finished_runs(tmp_path):
+    write_test_shards(tmp_path / "pre", videos=4, labels=("red", "blue"))
+    write_test_shards(tmp_path / "probe", videos=6, labels=("red", "blue"))
+    (tmp_path / "labels.csv").write_text("video,start_s,end_s,label\n" + "".join(
+        f"vid{v:03d}_deadbeef,0,1000,{('red', 'blue')[v % 2]}\n" for v in range(6)))
+    cfg = {"data": {"workers": 0, "shuffle_buffer": 4, "global_size": 32, "local_size": 16, "n_local": 2},
+           "model": {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2},
+           "objective": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16, "decoder_dim": 16,
+                         "decoder_depth": 1, "decoder_heads": 2},
+           "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2,
+                     "device": "cpu", "threads": 1}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "abvid.tools.cli", "ablate", str(tmp_path / "cfg.yaml"), "--shards",
+           str(tmp_path / "pre"), "--probe", str(tmp_path / "probe"), "--labels", str(tmp_path / "labels.csv"),
+           "--out", str(tmp_path / "abl"), "--seeds", "0", "1", "--rows", "random", "base", "--jobs", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 runs already done, 4 to run" in r.stdout and "| base method | 2 |" in r.stdout
+    t = json.loads((tmp_path / "abl" / "results.json").read_text())
+    assert set(t["rows"]) == {"random", "base"} and t["rows"]["random"]["knn"]["diff_vs_base"]["n"] == 2
+    cfg_saved = yaml.safe_load((tmp_path / "abl" / "runs" / "base" / "seed1" / "config.yaml").read_text())
+    assert cfg_saved["train"]["seed"] == 1 and cfg_saved["data"]["seed"] == 1      # seeds recorded per run
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "4 runs already done, 0 to run" in again.stdout
+    assert ROWS["base"][1] == ("objective.bootstrap=false",)

@@ -1,0 +1,178 @@
+"""The seeded ablation of annotation bootstrapping: which rows to run, how to run one, and the table.
+
+    abvid ablate examples/configs/tiny_cpu.yaml --shards data/shards --probe data/probe_shards \
+        --labels data/probe/annotations.csv --out ablation/simclr --seeds 0 1 2
+
+Each (row, seed) is one run folder ``OUT/runs/<row>/seed<k>``: ``abvid pretrain`` with the row's
+overrides and ``train.seed = data.seed = k`` (so a row and its base share the initial weights and
+the sampled views of every step: the comparison is paired), then ``abvid embed`` of the probe
+videos, then ``abvid probe`` (linear and k-NN, split by video). Every step is a subprocess of the
+real CLI, so a run is what a user gets. A run folder is finished when its ``probe.json`` exists;
+``ablation.json`` beside it records the row, seed and overrides, so the table is rebuilt from the
+run folders alone (``--table-only``), and a rerun of the same command skips what is done and
+resumes what is not (pretrain resumes from its checkpoints).
+
+The table (:func:`table`): per row and probe, the mean and sample standard deviation over seeds;
+per row, the mean of the per-seed paired differences against the base method and its standard
+error ``std(d) / sqrt(n)``; ``>2SE`` marks a difference larger than twice its standard error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# name -> (title, overrides). "ab" is the default AB config (gamma from the config, 0 by default).
+ROWS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "random": ("random init", ("train.steps=0",)),
+    "base": ("base method", ("objective.bootstrap=false",)),
+    "ab": ("AB (gamma = 0)", ("objective.bootstrap=true", "objective.gamma=0.0")),
+    "ab_gamma": ("AB (gamma = 0.5)", ("objective.bootstrap=true", "objective.gamma=0.5")),
+    "ab_no_time": ("AB without time", ("objective.bootstrap=true", "objective.gamma=0.0", "objective.temporal=false")),
+    "ab_no_actions": ("AB without action tokens",
+                      ("objective.bootstrap=true", "objective.gamma=0.0", "objective.action_tokens=false")),
+    "ab_no_target": ("AB without target network",
+                     ("objective.bootstrap=true", "objective.gamma=0.0", "objective.target_network=false")),
+}
+PROBES = ("linear", "knn")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one ablation needs; each run's commands follow from it."""
+    config: str
+    shards: str
+    probe: str                  # what `abvid embed` reads: probe videos or their shards
+    labels: str
+    out: Path
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rows: tuple[str, ...] = tuple(ROWS)
+    overrides: tuple[str, ...] = ()          # for every run (e.g. objective.name=dino)
+    probe_seed: int = 0                       # the by-video split of the probe (fixed across runs)
+
+    def run_dir(self, row: str, seed: int) -> Path:
+        return self.out / "runs" / row / f"seed{seed}"
+
+    def run_overrides(self, row: str, seed: int) -> list[str]:
+        return [f"data.shards={self.shards}", *self.overrides, *ROWS[row][1], f"train.seed={seed}",
+                f"data.seed={seed}"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "abvid.tools.cli", *args]
+
+
+def commands(plan: Plan, row: str, seed: int) -> list[list[str]]:
+    """The three CLI calls of one run (pretrain, embed, probe), each resumable."""
+    run = plan.run_dir(row, seed)
+    sets = [a for o in plan.run_overrides(row, seed) for a in ("--set", o)]
+    return [_cli("pretrain", plan.config, "--out", str(run), *sets),
+            _cli("embed", "--checkpoint", str(run / "checkpoints"), plan.probe, "--out", str(run / "emb"),
+                 "--no-progress"),
+            _cli("probe", "--embeddings", str(run / "emb"), "--labels", plan.labels, "--method", *PROBES,
+                 "--seed", str(plan.probe_seed), "--out", str(run / "probe.json"))]
+
+
+def is_done(plan: Plan, row: str, seed: int) -> bool:
+    return (plan.run_dir(row, seed) / "probe.json").is_file()
+
+
+def run_one(plan: Plan, row: str, seed: int, log=print) -> None:
+    """pretrain -> embed -> probe for one (row, seed); raises RuntimeError naming the failed step and its log."""
+    run = plan.run_dir(row, seed)
+    run.mkdir(parents=True, exist_ok=True)
+    meta = {"row": row, "title": ROWS[row][0], "seed": seed, "overrides": plan.run_overrides(row, seed),
+            "config": plan.config, "probe": plan.probe, "labels": plan.labels, "probe_seed": plan.probe_seed}
+    (run / "ablation.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for step, cmd in zip(("pretrain", "embed", "probe"), commands(plan, row, seed)):
+        if step == "embed":                        # the newest checkpoint of the run
+            ckpts = sorted((run / "checkpoints").glob("ckpt-*.pt"))
+            if not ckpts:
+                raise RuntimeError(f"{run}: pretrain wrote no checkpoint")
+            cmd[cmd.index(str(run / "checkpoints"))] = str(ckpts[-1])
+        with open(run / f"{step}.log", "w") as f:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise RuntimeError(f"{row} seed {seed}: `{' '.join(cmd[2:5])} ...` exited {r.returncode}; "
+                               f"see {run / (step + '.log')}")
+    log(f"done {row} seed {seed}: " + ", ".join(f"{m} {s:.3f}" for m, s in scores(run).items()))
+
+
+def scores(run: Path) -> dict[str, float]:
+    """{probe method: score} of a finished run folder."""
+    data = json.loads((run / "probe.json").read_text())
+    return {r["method"]: float(r["score"]) for r in data["results"]}
+
+
+def collect(out: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """{row: {seed: {probe: score}}} from every finished run folder under ``out/runs`` (nothing else read)."""
+    found: dict[str, dict[int, dict[str, float]]] = {}
+    for meta_path in sorted((out / "runs").glob("*/seed*/ablation.json")):
+        run = meta_path.parent
+        if (run / "probe.json").is_file():
+            meta = json.loads(meta_path.read_text())
+            found.setdefault(meta["row"], {})[int(meta["seed"])] = scores(run)
+    return found
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+def table(results: dict[str, dict[int, dict[str, float]]], base: str = "base") -> dict:
+    """Per row: mean/std per probe over seeds, and paired differences against ``base`` on shared seeds."""
+    out: dict = {"rows": {}, "base": base}
+    for row in [r for r in ROWS if r in results] + sorted(set(results) - set(ROWS)):
+        per_seed = results[row]
+        entry: dict = {"title": ROWS.get(row, (row,))[0], "seeds": sorted(per_seed)}
+        for probe in PROBES:
+            xs = [per_seed[s][probe] for s in sorted(per_seed) if probe in per_seed[s]]
+            if not xs:
+                continue
+            mean, std = _mean_std(xs)
+            entry[probe] = {"mean": mean, "std": std, "n": len(xs), "values": xs}
+            shared = [s for s in sorted(per_seed) if s in results.get(base, {}) and probe in results[base][s]]
+            if row != base and shared:
+                d = [per_seed[s][probe] - results[base][s][probe] for s in shared]
+                dm, ds = _mean_std(d)
+                se = ds / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+                entry[probe]["diff_vs_base"] = {"mean": dm, "se": se, "n": len(d), "values": d,
+                                                "above_2se": bool(len(d) > 1 and dm > 2 * se)}
+        out["rows"][row] = entry
+    return out
+
+
+def _pm(mean: float, spread: float, scale: float, sign: str = "") -> str:
+    """'mean ± spread' in points; the spread is left out where one seed gives none."""
+    return f"{scale * mean:{sign}.1f}" + ("" if math.isnan(spread) else f" ± {scale * spread:.1f}")
+
+
+def format_table(t: dict, scale: float = 100.0) -> str:
+    """Markdown: mean ± std (x100, i.e. mAP points) per probe, and the paired difference to the base method."""
+    head = ("| row | seeds | linear mAP | k-NN mAP | linear - base | k-NN - base |\n"
+            "| --- | --- | --- | --- | --- | --- |")
+    lines = [head]
+    for row, e in t["rows"].items():
+        cells = [e["title"], str(len(e["seeds"]))]
+        for probe in PROBES:
+            p = e.get(probe)
+            cells.append("-" if p is None else _pm(p["mean"], p["std"], scale))
+        for probe in PROBES:
+            d = (e.get(probe) or {}).get("diff_vs_base")
+            cells.append("-" if d is None else _pm(d["mean"], d["se"], scale, "+") + (" (>2SE)" if d["above_2se"] else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_table(out: Path) -> str:
+    """Rebuild ``table.md`` and ``results.json`` in ``out`` from its run folders; returns the markdown."""
+    t = table(collect(out))
+    md = format_table(t)
+    (out / "results.json").write_text(json.dumps(t, indent=2) + "\n")
+    (out / "table.md").write_text(md + "\n\nmean ± std over seeds; differences: mean ± standard error of the "
+                                  "per-seed paired differences against the base method (mAP points)\n")
+    return md
