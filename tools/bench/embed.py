@@ -22,6 +22,9 @@ The bound is what the job can reach on this machine:
 INPUT is a video file (with --copies N: treated as N videos, symlinks, so decoding one overlaps
 the model on another) or a folder of videos. Each timing is the best of --repeat rounds; a round
 runs all three in turn (so load changes on a shared machine hit them alike), after a warm-up.
+``cpu_ratio`` = (decode CPU-s + model CPU-s) / end-to-end CPU-s (this process and its decoder
+processes): the CPU view of the sequential bound, steadier than the clock when other jobs share
+the cores (torch's intra-op threads wait on the slowest one, so a busy core swings the wall times).
 Without --checkpoint a randomly initialised --arch encoder is used (speed does not depend on the weights).
 Exit codes: 0 ok, 2 usage error (no video, nothing decoded).
 """
@@ -54,11 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a file: treat it as this many videos (symlinks), so decoding one overlaps the model on another")
 
 
-def _time(fn) -> tuple[float, int]:
-    """(seconds, frames) of one call of ``fn() -> frames``."""
-    t = time.perf_counter()
+def _time(fn) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process and its finished children, frames) of one call of ``fn() -> frames``."""
+    c, t = os.times(), time.perf_counter()
     n = fn()
-    return time.perf_counter() - t, n
+    wall, c2 = time.perf_counter() - t, os.times()
+    cpu = (c2.user - c.user) + (c2.system - c.system) + (c2.children_user - c.children_user) + \
+        (c2.children_system - c.children_system)
+    return wall, cpu, n
 
 
 def main(args: argparse.Namespace) -> int:
@@ -152,15 +158,18 @@ def _bench(args: argparse.Namespace, encoder, device, videos: list[str], out: Pa
 
     # Interleave the three timings round by round, so a change in machine load hits all of them alike.
     best = {"decode": float("inf"), "model": float("inf"), "e2e": float("inf")}
+    cpu = dict(best)
     for r in range(max(1, args.repeat)):
         line = []
         for name, fn in (("decode", decode_run), ("model", model_run), ("e2e", e2e_run)):
-            t, n = _time(fn)
+            t, c, n = _time(fn)
             if n != frames:
                 raise RuntimeError(f"{name} run gave {n} frames, the first decode {frames}")
-            best[name] = min(best[name], t)
-            line.append(f"{name} {frames / t:.1f}")
+            best[name], cpu[name] = min(best[name], t), min(cpu[name], c)
+            line.append(f"{name} {frames / t:.1f} ({c:.2f} CPU-s)")
         print(f"round {r}: " + "  ".join(line) + " frames/s", flush=True)
+    # CPU view, steadier on a shared machine: the job's CPU-seconds against decode's plus the model's
+    cpu_ratio = (cpu["decode"] + cpu["model"]) / cpu["e2e"]
     decode_fps, model_fps, e2e_fps = frames / best["decode"], frames / best["model"], frames / best["e2e"]
     if cuda:
         bound, rule = min(decode_fps, model_fps), "min(decode, model): decoders and GPU in parallel"
@@ -169,10 +178,11 @@ def _bench(args: argparse.Namespace, encoder, device, videos: list[str], out: Pa
     print(f"{len(videos)} videos, {frames} frames at fps={args.fps} size={args.size} batch={args.batch_size} "
           f"device={device} workers={args.workers} torch threads={torch.get_num_threads()} cores={os.cpu_count()}")
     print(f"decode-only {decode_fps:.1f} frames/s   model-only {model_fps:.1f} frames/s   "
-          f"end-to-end {e2e_fps:.1f} frames/s   bound {bound:.1f} ({rule})")
+          f"end-to-end {e2e_fps:.1f} frames/s   bound {bound:.1f} ({rule}); CPU-s: decode {cpu['decode']:.2f} "
+          f"+ model {cpu['model']:.2f} vs end-to-end {cpu['e2e']:.2f} (cpu ratio {cpu_ratio:.2f})")
     arch = getattr(encoder, "encoder_kwargs", {}).get("arch", args.arch)
     report("embed", e2e_fps, "frames/s", bound, bound_rule=rule, decode_fps=round(decode_fps, 2),
-           model_fps=round(model_fps, 2), frames=frames, videos=len(videos), workers=args.workers,
+           model_fps=round(model_fps, 2), cpu_ratio=round(cpu_ratio, 3), frames=frames, videos=len(videos), workers=args.workers,
            device=str(device), arch=arch, size=args.size, fps=args.fps, batch_size=args.batch_size,
            input=str(args.input), load=round(os.getloadavg()[0], 2))
     return EXIT_OK
