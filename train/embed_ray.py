@@ -81,6 +81,7 @@ def ray_events(cluster, units: list[Unit], encoder: nn.Module, *, fps: float | N
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False   # abvid embed's own bar counts the inputs
     gpu = device == "cuda"
     encoder_ref = ray.put(copy.deepcopy(encoder).cpu())
     ds = ray.data.from_items([{"i": i, "kind": u.kind, "path": u.path} for i, u in enumerate(units)])
