@@ -62,7 +62,7 @@ def view_probs(obj, encoder, head, batch, teacher_temp):
         centre = torch.cat([obj.family.centre.expand(2, -1), obj.family.centre_local.expand(2, -1)])
         return ((z @ head.prototypes().t() - centre) / teacher_temp).softmax(-1)
     psi = z.reshape(8 * 2, -1)                                       # SimCLR: the batch's views, self excluded
-    logits = (z @ psi.t()) / obj.family.temperature
+    logits = (z @ psi.t()) / obj.family.target_temperature
     return logits.masked_fill(torch.eye(16, dtype=torch.bool).view(4, 4, 16), float("-inf")).softmax(-1)
 
 

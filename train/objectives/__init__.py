@@ -59,6 +59,7 @@ class ObjectiveConfig:
     proj_hidden_dim: int = 2048
     proj_norm: Literal["none", "ln", "bn"] = "ln"  # SimCLR's projector norm (the SimCLR paper uses bn)
     simclr_temp: float = 0.1
+    simclr_target_temp: float = 0.0     # temperature of SimCLR's bootstrap targets p(l | x'); 0 = simclr_temp
     clip_init_temp: float = 0.07
     text_embed_dim: int = 256
     # value decoder
@@ -87,7 +88,7 @@ def build_objective(obj_cfg: ObjectiveConfig, model_cfg: ModelConfig,
         head = DINOHead(dim, c.num_prototypes, c.head_hidden_dim, c.head_bottleneck_dim, c.head_layers, c.head_norm)
         q_temp, ann_dim = c.student_temp, c.head_bottleneck_dim
     elif c.name == "simclr":
-        family = SimCLRFamily(c.simclr_temp)
+        family = SimCLRFamily(c.simclr_temp, c.simclr_target_temp or c.simclr_temp)
         head = ProjectionHead(dim, c.proj_dim, c.proj_hidden_dim, c.proj_norm)
         q_temp, ann_dim = c.simclr_temp, c.proj_dim
     elif c.name == "clip":

@@ -82,9 +82,12 @@ class SimCLRFamily(nn.Module):
 
     needs_teacher_for_base = False
 
-    def __init__(self, temperature: float = 0.1):
+    def __init__(self, temperature: float = 0.1, target_temperature: float | None = None):
         super().__init__()
         self.temperature = temperature
+        # p(l | x') as a bootstrap target: the instance distribution over the batch at its own temperature
+        # (the base loss never reads it). A lower one sharpens targets that are near uniform early on.
+        self.target_temperature = temperature if target_temperature is None else target_temperature
 
     def annotations(self, head: nn.Module, z: torch.Tensor, batch: dict[str, Any]):
         B, n = z.shape[:2]
@@ -93,7 +96,7 @@ class SimCLRFamily(nn.Module):
 
     def target_probs(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, exclude, teacher_temp: float,
                      group: str = "global"):
-        return scored(z, psi, 1.0 / self.temperature, exclude).softmax(-1)
+        return scored(z, psi, 1.0 / self.target_temperature, exclude).softmax(-1)
 
     def base_loss(self, head: nn.Module, z: torch.Tensor, psi: torch.Tensor, p_t, batch: dict[str, Any]):
         B, n = z.shape[:2]
