@@ -1,6 +1,8 @@
 """Expand preprocess inputs (files, folders, globs, list files) into one ordered list of videos.
 
-``expand_inputs(["videos/", "extra/*.mp4", "more.txt"])`` returns ``InputItem``s:
+``expand_inputs(["videos/", "extra/*.mp4", "more.txt"])`` returns ``InputItem``s;
+``iter_inputs`` yields the same items lazily (a list file is read line by line, so a
+million-line list never sits in memory at once; only the set of paths seen, for duplicates):
 
 * a folder is walked recursively (sorted) and yields files with a video extension
   (``VIDEO_EXTENSIONS``, case-insensitive); other files in a folder are not inputs;
@@ -17,6 +19,9 @@ with ``skip_reason`` set, so it lands in the manifest as ``skipped``.
 ``slice_inputs(items, i, n)`` keeps the items of slice ``i`` (0-based) of ``n``; the
 partition hashes the absolute path, so a video stays in its slice when the list grows
 and the ``n`` slices together cover every input exactly once.
+
+``missing_inputs(specs)`` names the command-line arguments that name nothing (not a path,
+not a glob): the CLI refuses those up front (exit 2) instead of recording a failure.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable, Iterator
+
+from abvid.pipeline.errors import UsageError
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg", ".ts", ".mts",
@@ -36,7 +44,7 @@ LIST_EXTENSIONS = frozenset({".txt", ".csv", ".jsonl"})
 _GLOB_CHARS = set("*?[")
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """A list file cannot be read or parsed, or a --slice spec is malformed (CLI exit code 2)."""
 
 
@@ -49,26 +57,32 @@ class InputItem:
 
 def expand_inputs(specs: list[str]) -> list[InputItem]:
     """All videos named by ``specs``, in argument order; duplicates marked skipped."""
-    items: list[InputItem] = []
-    for spec in specs:
-        items.extend(_expand_one(spec))
+    return list(iter_inputs(specs))
+
+
+def iter_inputs(specs: list[str]) -> Iterator[InputItem]:
+    """``expand_inputs``, lazily: list files are read as the items are consumed."""
     first_seen: dict[str, str] = {}
-    out = []
-    for it in items:
-        if it.path in first_seen:
-            it = replace(it, skip_reason=f"duplicate input (already listed by {first_seen[it.path]})")
-        else:
-            first_seen[it.path] = it.origin
-        out.append(it)
-    return out
+    for spec in specs:
+        for it in _expand_one(spec):
+            if it.path in first_seen:
+                it = replace(it, skip_reason=f"duplicate input (already listed by {first_seen[it.path]})")
+            else:
+                first_seen[it.path] = it.origin
+            yield it
 
 
-def _expand_one(spec: str) -> list[InputItem]:
+def missing_inputs(specs: list[str]) -> list[str]:
+    """Arguments that are neither an existing path nor a glob pattern."""
+    return [s for s in specs if not os.path.exists(Path(s).expanduser()) and not _GLOB_CHARS & set(s)]
+
+
+def _expand_one(spec: str) -> Iterable[InputItem]:
     p = Path(spec).expanduser()
     if p.is_dir():
         return [InputItem(f, spec) for f in _walk(p)]
     if p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
-        return read_list_file(p)
+        return iter_list_file(p)
     if not p.exists() and _GLOB_CHARS & set(spec):
         matches = sorted(glob.glob(str(p), recursive=True))
         out: list[InputItem] = []
@@ -111,42 +125,59 @@ def jsonl_objects(path: Path, text: str, error: type[Exception], shape: str) -> 
 
 def read_list_file(path: str | Path) -> list[InputItem]:
     """Entries of a ``.txt`` / ``.csv`` / ``.jsonl`` list file, relative to its folder."""
+    return list(iter_list_file(path))
+
+
+def iter_list_file(path: str | Path) -> Iterator[InputItem]:
+    """``read_list_file``, line by line; a bad line raises ``InputError`` when it is reached."""
     path = Path(path)
     base = path.parent
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read list file {path}: {e}") from e
     suffix = path.suffix.lower()
-    entries: list[tuple[int, str]] = []
+    if suffix not in LIST_EXTENSIONS:
+        raise InputError(f"{path}: unknown list file type {suffix!r}; use .txt, .csv or .jsonl")
+    try:
+        f = open(path, encoding="utf-8", newline="")
+    except OSError as e:
+        raise InputError(f"cannot read list file {path}: {e}") from e
+    with f:
+        try:
+            for n, value in _entries(path, suffix, f):
+                p = Path(value).expanduser()
+                p = p if p.is_absolute() else base / p
+                yield InputItem(os.path.abspath(p), f"{path}:{n}")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read list file {path}: {e}") from e
+
+
+def _entries(path: Path, suffix: str, f) -> Iterator[tuple[int, str]]:
+    """(line number, path text) per entry of an open list file."""
     if suffix == ".txt":
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(f, 1):
             line = line.strip()
             if line and not line.startswith("#"):
-                entries.append((n, line))
+                yield n, line
     elif suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise InputError(f"{path}:1: a CSV list file needs a header with a 'path' column "
                              f"(found {reader.fieldnames}); add one, or use a .txt file with one path per line")
-        for n, row in enumerate(reader, 2):
+        for row in reader:
             value = (row.get("path") or "").strip()
             if not value:
-                raise InputError(f"{path}:{n}: empty 'path' value; remove the row or fill it in")
-            entries.append((n, value))
-    elif suffix == ".jsonl":
-        for n, row in jsonl_objects(path, text, InputError, 'an object like {"path": "video.mp4"}'):
-            if not isinstance(row.get("path"), str) or not row["path"].strip():
-                raise InputError(f'{path}:{n}: each line must be an object with a string "path" key')
-            entries.append((n, row["path"].strip()))
+                raise InputError(f"{path}:{reader.line_num}: empty 'path' value; remove the row or fill it in")
+            yield reader.line_num, value
     else:
-        raise InputError(f"{path}: unknown list file type {suffix!r}; use .txt, .csv or .jsonl")
-    out = []
-    for n, value in entries:
-        p = Path(value).expanduser()
-        p = p if p.is_absolute() else base / p
-        out.append(InputItem(os.path.abspath(p), f"{path}:{n}"))
-    return out
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f'{path}:{n}: not valid JSON ({e.msg}); each line must be an object like '
+                                 f'{{"path": "video.mp4"}}') from e
+            if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"].strip():
+                raise InputError(f'{path}:{n}: each line must be an object with a string "path" key')
+            yield n, row["path"].strip()
 
 
 def parse_slice(spec: str) -> tuple[int, int]:
@@ -166,5 +197,9 @@ def slice_of(path: str, n: int) -> int:
     return int.from_bytes(hashlib.sha1(path.encode("utf-8")).digest()[:8], "big") % n
 
 
-def slice_inputs(items: list[InputItem], i: int, n: int) -> list[InputItem]:
-    return [it for it in items if slice_of(it.path, n) == i]
+def slice_inputs(items: Iterable[InputItem], i: int, n: int) -> list[InputItem]:
+    return list(iter_slice(items, i, n))
+
+
+def iter_slice(items: Iterable[InputItem], i: int, n: int) -> Iterator[InputItem]:
+    return (it for it in items if n == 1 or slice_of(it.path, n) == i)

@@ -20,10 +20,13 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
+
+TOO_SHORT = "too short"   # reason of a video with fewer frames than one clip (status skipped, final like ok)
 
 # fields a worker result may set in its row (others come from the parent)
 ROW_FIELDS = ("video_id", "status", "reason", "error", "frames", "clips", "tail_frames", "decode_errors",
-              "source_frames", "seconds", "peak_rss_mb", "backend")
+              "source_frames", "seconds", "peak_rss_mb", "backend", "node")
 
 
 def video_id(path: str) -> str:
@@ -47,16 +50,17 @@ def manifest_row(path: str, **fields) -> dict:
     return row
 
 
-def in_input_order(items, rows: dict[str, dict], skipped: list[dict]) -> list[dict]:
-    """Manifest rows in input order (skipped rows in place), then rows of earlier runs' other inputs."""
-    out, seen, skips = [], set(), iter(skipped)
+def in_input_order(items: Iterable, rows: dict[str, dict]) -> Iterator[dict]:
+    """Manifest rows in input order (duplicate inputs as skipped rows in place), then rows of earlier
+    runs' other inputs. ``items`` (``inputs.InputItem``) may be a stream."""
+    seen: set[str] = set()
     for it in items:
         if it.skip_reason:
-            out.extend([next(skips)] if skipped else [])
+            yield manifest_row(it.path, status="skipped", reason="duplicate", error=it.skip_reason)
         elif it.path in rows and it.path not in seen:
-            out.append(rows[it.path])
             seen.add(it.path)
-    return out + [r for p, r in rows.items() if p not in seen]
+            yield rows[it.path]
+    yield from (r for p, r in rows.items() if p not in seen)
 
 
 @dataclass
@@ -75,6 +79,8 @@ class Stats:
     bytes: int = 0
     seconds: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    by_node: dict[str, dict] = field(default_factory=dict)   # host -> videos, ok, failed, frames, seconds (this run)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # parent / largest worker (VmHWM)
     manifest: str = ""
 
@@ -86,12 +92,16 @@ class Stats:
                                               "mb_per_s": round(self.bytes / s / 1e6, 3)}}
 
 
-def run_stats(items, final: list[dict], resumed: int, source_frames: int, shards: list[str], bytes_written: int,
-              seconds: float) -> Stats:
+def run_stats(items: Iterable, final: list[dict], resumed: int, source_frames: int, shards: list[str],
+              bytes_written: int, seconds: float) -> Stats:
     """Sum the rows of this run's inputs (``items``) among ``final`` (rows of other inputs are left out)."""
-    mine = {it.path for it in items}
+    mine: set[str] = set()
+    n_items = 0
+    for it in items:
+        mine.add(it.path)
+        n_items += 1
     rows = [r for r in final if r["path"] in mine]
-    st = Stats(inputs=len(items), resumed=resumed, source_frames=source_frames, shards=shards,
+    st = Stats(inputs=n_items, resumed=resumed, source_frames=source_frames, shards=shards,
                bytes=bytes_written, seconds=round(seconds, 3))
     for r in rows:
         if r["status"] == "ok":
@@ -106,6 +116,8 @@ def run_stats(items, final: list[dict], resumed: int, source_frames: int, shards
             st.failures_by_reason[reason] = st.failures_by_reason.get(reason, 0) + 1
         else:
             st.skipped += 1
+            reason = r.get("reason") or "duplicate"
+            st.skipped_by_reason[reason] = st.skipped_by_reason.get(reason, 0) + 1
     return st
 
 
@@ -143,8 +155,8 @@ class Manifest:
                     warnings.warn(f"{self.path}:{n}: skipping a torn manifest row (interrupted write)")
                     continue
                 if isinstance(row, dict) and isinstance(row.get("path"), str):
-                    # a "skipped" row (duplicate input) never hides the real row of the same path
-                    if row.get("status") != "skipped" or row["path"] not in rows:
+                    # a "skipped" row of a duplicate input never hides the real row of the same path
+                    if row.get("status") != "skipped" or row.get("reason") == TOO_SHORT or row["path"] not in rows:
                         rows[row["path"]] = row
         return rows
 

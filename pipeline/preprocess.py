@@ -3,9 +3,9 @@
     stats = run_preprocess(["videos/"], "shards/", PreprocessConfig(fps=4, size=256))
 
 Flow: expand inputs (``inputs.py``) -> skip videos the manifest already has ``ok`` ->
-decode each video in an isolated worker process (``isolation.IsolatedPool``) that writes its
-encoded clips to a spool file -> the parent copies spools, in input order, into
-atomic shards (``shardwriter.py``) and records one manifest row per input (row fields,
+decode each video in an isolated worker process (``isolation.IsolatedPool`` running
+``clips.process_video``) that writes its encoded clips to a spool file -> the parent copies
+spools, in input order, into atomic shards (``shardwriter.py``) and records one manifest row per input (row fields,
 file names per prefix and run stats: ``manifest.py``).
 
 Isolation: a worker that segfaults (exit by signal) or exceeds ``timeout_s`` on one
@@ -23,6 +23,15 @@ a function called as ``fn(path)`` in the worker before each video is opened, e.g
 to hang or to ``os.kill(os.getpid(), SIGSEGV)``; ``tests/_faults.py`` has such hooks.
 The CLI exposes it as the hidden flag ``--decode-hook``.
 
+Executors: ``executor="local"`` runs the pool above on this machine; ``executor="ray"``
+(``pipeline/ray_preprocess.py``) runs the same ``process_video`` with the same isolation on
+the workers of a Ray cluster, each writing its own shard sub-prefix; both read and write the
+same manifest, so either resumes the other's work. The work list streams in either way
+(``inputs.iter_inputs``): a list file is read as tasks are started.
+
+Videos shorter than one clip are ``skipped`` (reason ``too short``) and, like ``ok``, not
+decoded again on a rerun (the settings are pinned, so the answer cannot change).
+
 Library use: workers re-import the ``__main__`` module (as with ``spawn``), so a script
 calling ``run_preprocess`` needs the ``if __name__ == "__main__":`` guard, and a heavy
 main module (one importing torch: ~3 s) slows every worker start; the CLI's is light
@@ -30,36 +39,27 @@ main module (one importing torch: ~3 s) slows every worker start; the CLI's is l
 """
 from __future__ import annotations
 
-import fcntl
-import functools
-import importlib
-import io
 import json
 import os
 import re
 import shutil
 import time
-from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from abvid.pipeline import shardwriter
-from abvid.pipeline.annotations import load_annotations, overlapping
-from abvid.pipeline.inputs import VIDEO_EXTENSIONS, expand_inputs, slice_inputs
+from abvid.pipeline.annotations import load_annotations
+from abvid.pipeline.clips import encode_image, peak_rss_mb, process_video, resolve_hook  # noqa: F401 (re-exported)
+from abvid.pipeline.errors import JobError, UsageError
+from abvid.pipeline.inputs import VIDEO_EXTENSIONS, InputItem, iter_inputs, iter_slice, missing_inputs
 from abvid.pipeline.isolation import IsolatedPool
-from abvid.pipeline.manifest import (ROW_FIELDS, Manifest, Stats, in_input_order, manifest_row, run_files, run_stats,
-                                     video_id, write_json)
-from abvid.pipeline.shardwriter import SpoolWriter
+from abvid.pipeline.manifest import (ROW_FIELDS, TOO_SHORT, Manifest, Stats, in_input_order, manifest_row,
+                                     run_files, run_stats, video_id, write_json)
 
 FORMATS = ("jpg", "webp")
-
-
-class UsageError(ValueError):
-    """Bad settings or nothing to do (CLI exit code 2); the message says what to change."""
-
-
-class JobError(RuntimeError):
-    """The job cannot run at all, e.g. the output folder is locked by another run (exit code 3)."""
+EXECUTORS = ("local", "ray")
+PRELOAD = ["abvid.pipeline.preprocess", "abvid.pipeline.clips", "abvid.pipeline.video", "PIL.Image"]  # forkserver
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,9 @@ class PreprocessConfig:
     timeout_s: float = 1800.0        # per video; 0 = none
     prefix: str = ""                 # shard name prefix; "" = shard (shard-I-of-N with a slice)
     decode_hook: str = ""            # "module:function" called with the path before each video (tests)
+    executor: str = "local"          # local (worker processes here) | ray (tasks on a Ray cluster)
+    ray_address: str = ""            # Ray cluster to join ("" = RAY_ADDRESS or a local one; "auto"; host:port)
+    retries: int = 2                 # ray: times a video is retried after its worker (process or node) is lost
 
     @property
     def stride(self) -> int:
@@ -115,6 +118,12 @@ class PreprocessConfig:
             problems.append(f"prefix={self.shard_prefix!r}: use letters, digits, '_' and '-' only")
         if self.decode_hook and ":" not in self.decode_hook:
             problems.append(f"decode_hook={self.decode_hook!r} must look like module:function")
+        if self.executor not in EXECUTORS:
+            problems.append(f"executor={self.executor!r} must be one of {EXECUTORS}")
+        if self.retries < 0:
+            problems.append(f"retries={self.retries} must be >= 0")
+        if self.ray_address and self.executor != "ray":
+            problems.append("ray_address is set but executor is not ray; add --executor ray")
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -124,134 +133,38 @@ class PreprocessConfig:
             "clip_stride": self.stride, "annotations": self.annotations}
 
 
-# ------------------------------------------------------------------ worker side
-
-def encode_image(img, fmt: str, quality: int) -> bytes:
-    """(H, W, 3) uint8 RGB -> JPEG (OpenCV) / WebP (PIL) bytes.
-
-    JPEG: OpenCV and PIL both call libjpeg-turbo with 4:2:0 chroma and the same tables (decoded
-    pixels identical here), but OpenCV takes the array as it is: 0.19 vs 0.26 ms per 455x256 frame
-    (PIL first copies it into its own 4-byte-per-pixel image).
-    """
-    if fmt == "jpg":
-        import cv2
-
-        ok, data = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:
-            raise RuntimeError(f"JPEG encoding failed for a {img.shape} frame")
-        return data.tobytes()
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="WEBP", quality=quality, lossless=quality == 100,
-                              method=0 if quality < 100 else 1)
-    return buf.getvalue()
-
-
-def process_video(task: dict, cfg: PreprocessConfig, threads: int) -> dict:
-    """Decode ``task["path"]``, write its clips to ``task["spool"]``; returns manifest fields (runs in a worker)."""
-    from abvid.pipeline.video import VideoError, open_video
-
-    path, vid, spool, annotations = task["path"], task["video_id"], task["spool"], task["annotations"]
-    t_start = time.perf_counter()
-    row: dict = {"frames": 0, "clips": 0, "tail_frames": 0, "decode_errors": 0, "source_frames": 0}
-    try:
-        if cfg.decode_hook:
-            _resolve_hook(cfg.decode_hook)(path)
-        # JPEG/WebP encoding runs on the decoder's helper thread, right after each frame's conversion
-        # (OpenCV and PIL release the GIL), overlapping the decoder, for slots in a clip (not in the gaps
-        # of a clip_stride > clip_len); a repeated slot shares its bytes. The rare frame first shown in
-        # a gap and repeated into a clip is encoded here.
-        encode = functools.partial(encode_image, fmt=cfg.format, quality=cfg.quality)
-        in_clip = (lambda k: k % cfg.stride < cfg.clip_len) if cfg.stride > cfg.clip_len else None
-        with open_video(path, fps=cfg.fps, short_side=cfg.size, backend=cfg.backend, threads=threads,
-                        encode=encode, encode_if=in_clip) as dec, SpoolWriter(spool) as out:
-            info = dec.info
-            window: deque = deque()          # (index, pts_s, bytes) of frames of the next clip(s)
-            clip, frames = 0, 0
-            last_img, last_data = None, None
-            for fr in dec:
-                frames += 1
-                if fr.index < clip * cfg.stride:     # in a gap between clips (stride > clip_len)
-                    continue
-                data = fr.data
-                if data is None:
-                    if fr.image is not last_img:
-                        last_img, last_data = fr.image, encode(fr.image)
-                    data = last_data
-                window.append((fr.index, fr.pts_s, data))
-                if fr.index == clip * cfg.stride + cfg.clip_len - 1:
-                    frames_of_clip = list(window)[-cfg.clip_len:]
-                    _write_clip(out, vid, clip, frames_of_clip, info, fr.image.shape, annotations, path, cfg)
-                    clip += 1
-                    while window and window[0][0] < clip * cfg.stride:
-                        window.popleft()
-            covered = (clip - 1) * cfg.stride + cfg.clip_len if clip else 0
-            row.update(frames=frames, clips=clip, tail_frames=max(0, frames - covered),
-                       decode_errors=dec.decode_errors, source_frames=dec.frames_decoded, backend=dec.backend)
-        row.update(status="ok", error="")
-    except VideoError as e:
-        row.update(status="failed", error=str(e), reason="decode error")
-    except Exception as e:  # noqa: BLE001 - the isolation boundary: any failure fails this video only
-        row.update(status="failed", error=f"{path}: {type(e).__name__}: {e}", reason=f"error ({type(e).__name__})")
-    row["seconds"] = round(time.perf_counter() - t_start, 3)
-    row["peak_rss_mb"] = _peak_rss_mb()
-    return row
-
-
-def _resolve_hook(spec: str):
-    mod, _, fn = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"decode_hook {spec!r}: {e}; it must name an importable module:function") from e
-
-
-def _write_clip(out: SpoolWriter, vid: str, clip: int, frames: list, info, shape, annotations, path, cfg) -> None:
-    key = f"{vid}-{clip:06d}"
-    pts = [round(p, 6) for _, p, _ in frames]
-    step = 1 / cfg.fps if cfg.fps else (1 / info.fps if info.fps else 0.0)  # the last frame's slot length
-    span_end = pts[-1] + step
-    meta = {"video_id": vid, "source": os.path.abspath(path), "clip_index": clip, "source_fps": info.fps,
-            "fps": cfg.fps, "frame_indices": [i for i, _, _ in frames], "pts_s": pts,
-            "width": int(shape[1]), "height": int(shape[0]), "rotation": info.rotation, "codec": info.codec,
-            "annotations": [a.to_json() for a in overlapping(annotations, pts[0], span_end)]}
-    for n, (_, _, data) in enumerate(frames):
-        out.add(f"{key}.{n:03d}.{cfg.format}", data)
-    out.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM) from /proc; 0 where /proc is absent."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
-
-
 # ------------------------------------------------------------------ parent side
 
 def run_preprocess(inputs: list[str], out_dir: str | Path, cfg: PreprocessConfig, progress: bool = True) -> Stats:
     """Preprocess ``inputs`` (files, folders, globs, list files) into shards under ``out_dir``; resumable.
 
-    Raises ``UsageError`` (bad settings, nothing to do), ``InputError`` / ``AnnotationError``
-    (unreadable list or annotation file) and ``JobError`` (output folder locked by another run).
+    Raises ``UsageError`` (bad settings, a named input that does not exist, nothing to do, ``out_dir``
+    a file, a Ray cluster that does not answer), ``InputError`` / ``AnnotationError`` (unreadable list
+    or annotation file) and ``JobError`` (output folder locked by another run). Nothing is created
+    before the inputs and settings are checked.
     """
     cfg.check()
     if cfg.decode_hook:
-        _resolve_hook(cfg.decode_hook)   # fail once, here, rather than once per video in the workers
+        resolve_hook(cfg.decode_hook)   # fail once, here, rather than once per video in the workers
     t_start = time.perf_counter()
-    items = expand_inputs(list(inputs))
-    if not items:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; pass a folder (created if missing)")
+    if missing := missing_inputs(list(inputs)):
+        raise UsageError(f"input {', '.join(missing)}: no such file or folder; check the path")
+
+    def items() -> Iterator[InputItem]:   # streamed anew for each pass: a long list is never held at once
+        return iter_slice(iter_inputs(list(inputs)), cfg.slice_index, cfg.slice_count)
+
+    if next(iter_inputs(list(inputs)), None) is None:   # (a slice of a job array may be empty: that is fine)
         raise UsageError(f"nothing to do: {list(inputs)} name no video file (folders are searched "
                          f"recursively for {', '.join(sorted(VIDEO_EXTENSIONS))})")
-    items = slice_inputs(items, cfg.slice_index, cfg.slice_count)
+    total = sum(1 for _ in items())
     ann = load_annotations(cfg.annotations) if cfg.annotations else None
-    out = Path(out_dir)
+    cluster = None
+    if cfg.executor == "ray":
+        from abvid.pipeline import ray_preprocess
+        cluster = ray_preprocess.connect(cfg.ray_address)   # an address that does not answer: UsageError
     out.mkdir(parents=True, exist_ok=True)
     prefix = cfg.shard_prefix
     manifest_name, stats_name, settings_name = run_files(prefix)
@@ -259,57 +172,119 @@ def run_preprocess(inputs: list[str], out_dir: str | Path, cfg: PreprocessConfig
     try:
         _check_settings(out / settings_name, cfg)
         manifest = Manifest(out / manifest_name)
-        rows, next_index = shardwriter.recover(out, prefix, manifest)
-        rows = {p: r for p, r in rows.items() if r.get("status") != "skipped"}  # skips are redone below
-        manifest.rewrite(in_input_order(items, rows, []))  # compact: one row per path, torn lines gone
-        spool_dir = out / f".spool-{prefix}"
-        shutil.rmtree(spool_dir, ignore_errors=True)
-        spool_dir.mkdir()
-
-        skipped, todo, resumed = [], [], 0
-        for it in items:
-            prev = rows.get(it.path)
-            if it.skip_reason:
-                skipped.append(manifest_row(it.path, status="skipped", error=it.skip_reason))
-            elif prev and (prev["status"] == "ok" or (prev["status"] == "failed" and not cfg.retry_failed)):
-                resumed += prev["status"] == "ok"
-            elif not os.path.exists(it.path):
-                rows[it.path] = manifest_row(it.path, status="failed", reason="not found",
-                                             error=f"{it.path}: no such file (from {it.origin}); check the path")
-                manifest.append([rows[it.path]])
+        try:
+            rows, next_index = shardwriter.recover(out, prefix, manifest)
+        except RuntimeError as e:
+            raise JobError(str(e)) from None
+        rows = {p: r for p, r in rows.items() if _final(r)}   # duplicate-input skips are redone below
+        manifest.rewrite(list(in_input_order(items(), rows)))  # compact: one row per path, torn lines gone
+        counts = {"resumed": 0}
+        with progress_bar(total, progress) as bar:
+            todo = _todo(items(), rows, manifest, cfg, counts, bar)
+            tasks = ({"seq": i, "path": it.path, "video_id": video_id(it.path),
+                      "annotations": ann.for_video(it.path) if ann else []} for i, it in enumerate(todo))
+            if cluster is not None:
+                from abvid.pipeline import ray_preprocess
+                done = ray_preprocess.run_tasks(cluster, tasks, cfg, out, prefix, manifest, rows, bar)
             else:
-                todo.append(it)
-        manifest.append(skipped)
-
-        n_workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(todo)))
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_workers)
-        writer = shardwriter.ShardWriter(out, prefix, manifest, next_index, cfg.shard_clips, cfg.shard_bytes)
-        tasks = [{"seq": i, "path": it.path, "video_id": video_id(it.path), "spool": str(spool_dir / f"{i}.spool"),
-                  "annotations": ann.for_video(it.path) if ann else []} for i, it in enumerate(todo)]
-        source_frames = _decode_all(tasks, cfg, n_workers, threads, writer, manifest, rows, progress)
-        writer.close()
-        shutil.rmtree(spool_dir, ignore_errors=True)
-        final = in_input_order(items, rows, skipped)
+                done = _run_local(tasks, total, cfg, out, prefix, next_index, manifest, rows, bar)
+        final = list(in_input_order(items(), rows))
         manifest.rewrite(final)
-        stats = run_stats(items, final, resumed, source_frames, writer.completed, writer.bytes_written,
+        stats = run_stats(items(), final, counts["resumed"], done.source_frames, done.shards, done.bytes,
                           time.perf_counter() - t_start)
         stats.manifest = str(manifest.path)
-        stats.peak_rss_mb = {"parent": _peak_rss_mb(),
+        stats.peak_rss_mb = {"parent": peak_rss_mb(),
                              "worker": max((r.get("peak_rss_mb", 0.0) for r in final), default=0.0)}
+        stats.by_node = done.by_node
         write_json(out / stats_name, stats.to_json() | {"settings": cfg.output_settings(),
-                                                         "config": asdict(cfg), "workers": n_workers})
+                                                         "config": asdict(cfg), "workers": done.workers})
         return stats
     finally:
         lock.close()
+        if cluster is not None:
+            cluster.close()
 
 
-def _decode_all(tasks: list[dict], cfg: PreprocessConfig, n_workers: int, threads: int, writer, manifest,
-                rows: dict[str, dict], progress: bool) -> int:
-    """Run the worker pool; commit results in input order (deterministic shard layout); returns frames decoded."""
-    if not tasks:
-        return 0
+def _final(row: dict) -> bool:
+    """A manifest row that stands on a rerun (ok, failed, too short); duplicate-input skips are redone."""
+    return row.get("status") != "skipped" or row.get("reason") == TOO_SHORT
+
+
+def _todo(items: Iterator[InputItem], rows: dict[str, dict], manifest: Manifest, cfg: PreprocessConfig,
+          counts: dict, bar) -> Iterator[InputItem]:
+    """The inputs to decode, lazily; the others tick the bar: resumed ones (counted), missing files (failed)."""
+    for it in items:
+        prev = rows.get(it.path)
+        if it.skip_reason:
+            bar.update(1)
+            continue
+        bar.update(1)   # undone below for the ones yielded: their result ticks the bar
+        if prev and (prev["status"] in ("ok", "skipped") or (prev["status"] == "failed" and not cfg.retry_failed)):
+            counts["resumed"] += prev["status"] == "ok"
+        elif not os.path.exists(it.path):
+            rows[it.path] = manifest_row(it.path, status="failed", reason="not found",
+                                         error=f"{it.path}: no such file (from {it.origin}); check the path")
+            manifest.append([rows[it.path]])
+        else:
+            bar.update(-1)
+            yield it
+
+
+@dataclass
+class Done:
+    """What an executor reports back: frames decoded, shards it completed, their bytes, per-node counts."""
+    source_frames: int = 0
+    shards: list[str] = field(default_factory=list)
+    bytes: int = 0
+    workers: int = 0
+    by_node: dict[str, dict] = field(default_factory=dict)
+
+
+def count_node(by_node: dict[str, dict], row: dict) -> None:
+    """Add a finished video's row to the per-node tally (videos, ok, failed, frames, seconds)."""
+    n = by_node.setdefault(row.get("node") or "?", {"videos": 0, "ok": 0, "failed": 0, "frames": 0, "seconds": 0.0})
+    n["videos"] += 1
+    n["ok"] += row["status"] == "ok"
+    n["failed"] += row["status"] == "failed"
+    n["frames"] += row.get("source_frames", 0)
+    n["seconds"] = round(n["seconds"] + row.get("seconds", 0.0), 3)
+
+
+def progress_bar(total: int, progress: bool):
+    """The run's bar: videos done of the total (resumed ones included), frames/s and failures as postfix."""
     from tqdm import tqdm
+    return tqdm(total=total, unit="video", disable=not progress, dynamic_ncols=True)
 
+
+def show(bar, state: dict, t0: float, **extra) -> None:
+    """Tick the bar for one finished video; ``state`` holds source_frames and failed so far."""
+    bar.update(1)
+    bar.set_postfix(frames=state["source_frames"],
+                    frames_per_s=f"{state['source_frames'] / max(time.perf_counter() - t0, 1e-9):.0f}",
+                    failed=state["failed"], **extra)
+
+
+def _run_local(tasks: Iterator[dict], total: int, cfg: PreprocessConfig, out: Path, prefix: str, next_index: int,
+               manifest: Manifest, rows: dict[str, dict], bar) -> Done:
+    """The local executor: an IsolatedPool on this machine; spools copied into shards in input order."""
+    n_workers = min(cfg.workers or os.cpu_count() or 1, max(1, total))
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_workers)
+    spool_dir = out / f".spool-{prefix}"
+    shutil.rmtree(spool_dir, ignore_errors=True)
+    spool_dir.mkdir()
+    writer = shardwriter.ShardWriter(out, prefix, manifest, next_index, cfg.shard_clips, cfg.shard_bytes)
+    spooled = ({**t, "spool": str(spool_dir / f"{t['seq']}.spool")} for t in tasks)
+    done = Done(workers=n_workers)
+    done.source_frames = _decode_all(spooled, cfg, n_workers, threads, writer, manifest, rows, bar, done.by_node)
+    writer.close()
+    shutil.rmtree(spool_dir, ignore_errors=True)
+    done.shards, done.bytes = writer.completed, writer.bytes_written
+    return done
+
+
+def _decode_all(tasks: Iterator[dict], cfg: PreprocessConfig, n_workers: int, threads: int, writer,
+                manifest, rows: dict[str, dict], bar, by_node: dict[str, dict]) -> int:
+    """Run the worker pool; commit results in input order (deterministic shard layout); returns frames decoded."""
     done: dict[int, dict] = {}
     state = {"started": 0, "next": 0, "source_frames": 0, "failed": 0}
     window = 4 * n_workers  # spool files waiting for an earlier, slower video
@@ -320,39 +295,34 @@ def _decode_all(tasks: list[dict], cfg: PreprocessConfig, n_workers: int, thread
             yield t
 
     pool = IsolatedPool(process_video, (cfg, threads), n=n_workers, timeout_s=cfg.timeout_s,
-                        preload=["abvid.pipeline.preprocess", "abvid.pipeline.video", "PIL.Image"])
+                        preload=PRELOAD)
     t0 = time.perf_counter()
-    with tqdm(total=len(tasks), unit="video", disable=not progress, dynamic_ncols=True) as bar:
-        for res in pool.run(feed(), may_start=lambda: state["started"] < state["next"] + window):
-            done[res["seq"]] = res
-            state["source_frames"] += res.get("source_frames", 0)
-            state["failed"] += res["status"] == "failed"
-            bar.update(1)
-            bar.set_postfix(frames_per_s=f"{state['source_frames'] / (time.perf_counter() - t0):.0f}",
-                            failed=state["failed"])
-            while state["next"] in done:
-                res = done.pop(state["next"])
-                state["next"] += 1
-                row = manifest_row(res["path"], **{k: v for k, v in res.items() if k in ROW_FIELDS})
-                if row["status"] == "ok" and row["clips"] > 0:
-                    row = {**row, "shards": [writer.append(res["spool"], row["clips"], row)]}
-                else:
-                    manifest.append([row])
-                rows[row["path"]] = row
-                if os.path.exists(res["spool"]):
-                    os.unlink(res["spool"])
+    for res in pool.run(feed(), may_start=lambda: state["started"] < state["next"] + window):
+        done[res["seq"]] = res
+        state["source_frames"] += res.get("source_frames", 0)
+        state["failed"] += res["status"] == "failed"
+        show(bar, state, t0)
+        while state["next"] in done:
+            res = done.pop(state["next"])
+            state["next"] += 1
+            row = manifest_row(res["path"], **{k: v for k, v in res.items() if k in ROW_FIELDS})
+            if row["status"] == "ok" and row["clips"] > 0:
+                row = {**row, "shards": [writer.append(res["spool"], row["clips"], row)]}
+            else:
+                manifest.append([row])
+            rows[row["path"]] = row
+            count_node(by_node, row)
+            if os.path.exists(res["spool"]):
+                os.unlink(res["spool"])
     return state["source_frames"]
 
 
 def _lock(path: Path):
     """Exclusive lock on the output prefix (released by the OS even on SIGKILL)."""
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
+    f = shardwriter.lock_file(path)
+    if f is None:
         raise JobError(f"{path.parent}: another preprocess run is writing prefix {path.stem[1:-5]!r} "
-                       f"(lock {path}); wait for it, or use another --out or --prefix") from None
+                       f"(lock {path}); wait for it, or use another --out or --prefix")
     return f
 
 

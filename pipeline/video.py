@@ -26,13 +26,11 @@ PyAV backend (the fast path)
     applied with numpy after the resize.
 
 Why ``auto`` prefers PyAV (DESIGN.md says decord first)
-    Alternating runs of ``decode_only(f)`` and iterating ``open_video(f, 4.0, 256, backend)``
-    on the shared 2-core VM (load 6-9, so process CPU seconds, median of 5-9): cockatoo.mp4 (720p
-    H.264, 280 frames) decode-only 0.50 s, PyAV backend 0.58-0.62 s (ratio 0.85-0.87),
-    decord backend 0.69-0.71 s (0.75-0.79). mmaction2/test.mp4 (B-frames): PyAV 1.15x the
-    decode-only bound (unused frames skipped); big_buck_bunny_0_30.webm (VP8) 0.80.
-    decord also rejects GIF and AV1 here. So ``auto`` uses PyAV and falls back to decord (its own
-    FFmpeg build, which honours rotation too) per file only when PyAV decodes no frame of a stream.
+    Alternating runs of ``decode_only(f)`` (every frame) and iterating ``open_video(f, 4.0, 256, backend)``
+    on the shared 2-core VM (load 6-9, process CPU seconds, median of 5-9): cockatoo.mp4 (720p H.264,
+    280 frames) decode-only 0.50 s, PyAV backend 0.58-0.62 s, decord backend 0.69-0.71 s; decord
+    also rejects GIF and AV1 here. So ``auto`` uses PyAV and falls back to decord (its own FFmpeg
+    build, which honours rotation too) per file only when PyAV decodes no frame of a stream.
 
 Errors: a corrupt packet is skipped and counted in ``decode_errors``; a file that yields no
 frame raises :class:`VideoError` naming the file and the reason. The decoder is closed when
@@ -148,14 +146,17 @@ def _demux(container, stream, errors: list[str]) -> Iterator[Any]:
                 return
 
 
-def decode_only(path: str | os.PathLike, threads: int = 0) -> int:
-    """Decode every frame of the first video stream, converting nothing; returns the count.
-
-    The bound for ``abvid bench preprocess``: same container, codec and threading set-up as
-    the PyAV backend but no skipping, selection or conversion.
-    """
+def decode_only(path: str | os.PathLike, threads: int = 0, fps: float | None = None) -> int:
+    """Decode the first video stream, converting nothing; returns the frames decoded: every frame, or with
+    ``fps`` what ``open_video(path, fps)`` decodes (its own packet loop and skipping): bench preprocess's bound."""
     import av
 
+    if fps is not None:
+        dec = _PyAVDecoder(os.fspath(path), fps, None, threads)
+        try:
+            return sum(1 for _ in itertools.chain(dec._first, dec._raw))
+        finally:
+            dec.close()
     container, stream = _av_open(os.fspath(path), threads)
     n = 0
     try:
@@ -171,7 +172,6 @@ def decode_only(path: str | os.PathLike, threads: int = 0) -> int:
 
 def _lower_priority() -> None:
     """Raise this thread's nice value by HELPER_NICENESS (Linux; elsewhere PRIO_PROCESS takes a process id).
-
     For the decoder's helper: decoding is the critical path, the helper has CONVERT_AHEAD frames of
     slack (bench preprocess on cockatoo.mp4, back to back: 0.84-0.87 -> 0.87-0.91)."""
     if sys.platform.startswith("linux"):

@@ -5,7 +5,10 @@ hidden CLI flag ``--decode-hook``); it runs in the worker before a video is open
 A marker file beside the video picks the fault, so a test can turn it off again:
 ``<video>.crash`` -> the worker kills itself with SIGSEGV (a crashing decoder);
 ``<video>.hang``  -> it sleeps forever (a hanging decoder);
-``<video>.calls`` -> it appends a line, to count how often a video was decoded.
+``<video>.calls`` -> it appends a line, to count how often a video was decoded;
+``<video>.lose``  -> it SIGKILLs the Ray worker it runs under (``ABVID_WORKER_PID``, set by
+                     pipeline/ray_preprocess.py): a lost worker or node, every time;
+``<video>.lose-once`` -> the same once (the marker is removed first), so the retry succeeds.
 """
 from __future__ import annotations
 
@@ -24,6 +27,19 @@ def hook(path: str) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
     if os.path.exists(path + ".hang"):
         time.sleep(3600)
+    if os.path.exists(path + ".lose-once"):
+        os.unlink(path + ".lose-once")
+        _lose_worker()
+    if os.path.exists(path + ".lose"):
+        _lose_worker()
+
+
+def _lose_worker() -> None:
+    pid = os.environ.get("ABVID_WORKER_PID")
+    if not pid:
+        raise RuntimeError("a .lose marker needs the Ray executor (ABVID_WORKER_PID is not set)")
+    os.kill(int(pid), signal.SIGKILL)
+    os._exit(1)      # the worker is gone; so is this child
 
 
 def make_audio_only(path: str | Path, seconds: float = 0.5) -> Path:

@@ -11,6 +11,7 @@ import torch
 
 from abvid.model import build_encoder
 from abvid.model.io import save_encoder
+from abvid.pipeline.errors import JobError, UsageError
 from abvid.pipeline.video import open_video
 from abvid.train import embed as E
 from conftest import make_video, write_test_shards
@@ -140,11 +141,11 @@ def test_rerun_skips_done_videos_and_resumes_after_a_crash(tmp_path, encoder, vi
     real = E.encode
     calls = {"n": 0}
 
-    def failing(enc, pixels, device):
+    def failing(enc, pixels, device, *args):
         calls["n"] += 1
         if calls["n"] > 2:
             raise RuntimeError("simulated crash")
-        return real(enc, pixels, device)
+        return real(enc, pixels, device, *args)
     monkeypatch.setattr(E, "encode", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         E.embed_inputs(inputs, out, encoder, size=SIZE, batch_size=3, progress=False)
@@ -152,9 +153,10 @@ def test_rerun_skips_done_videos_and_resumes_after_a_crash(tmp_path, encoder, vi
     assert len(list((out / "parts").glob("*.done.json"))) == 1
     monkeypatch.setattr(E, "encode", real)
 
+    import abvid.train.embed_sources as S
     decoded: list[str] = []
-    real_frames = E.video_frames
-    monkeypatch.setattr(E, "video_frames", lambda path, *a, **k: (decoded.append(path), real_frames(path, *a, **k))[1])
+    real_frames = S.video_frames
+    monkeypatch.setattr(S, "video_frames", lambda path, *a, **k: (decoded.append(path), real_frames(path, *a, **k))[1])
     res = E.embed_inputs(inputs, out, encoder, size=SIZE, progress=False)
     assert [r.status for r in res] == ["cached", "ok"] and decoded == [inputs[1]]
     assert (out / "embeddings.npy").read_bytes() == (clean / "embeddings.npy").read_bytes()
@@ -177,7 +179,7 @@ def test_two_runs_cannot_share_an_output_folder(tmp_path, encoder, videos):
     (tmp_path / "out" / "parts").mkdir(parents=True)
     with open(tmp_path / "out" / "parts" / ".lock", "a+") as held:   # as if another run were writing
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(E.EmbedError, match="another `abvid embed` run"):
+        with pytest.raises(JobError, match="another `abvid embed` run"):   # exit 3: the folder is in use
             E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=SIZE, progress=False)
     assert E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=SIZE, progress=False)[0].status == "ok"
 
@@ -219,13 +221,96 @@ def test_shard_cut_at_a_header_is_detected(tmp_path, encoder):
     assert not (tmp_path / "out" / "embeddings.npy").exists()
 
 
-def test_parquet_when_pyarrow_is_installed(tmp_path, encoder, videos):
-    pq = pytest.importorskip("pyarrow.parquet")
+def test_parquet_is_always_written_and_readable_by_pandas_and_duckdb(tmp_path, encoder, videos):
+    import pyarrow.parquet as pq   # a dependency of abvid: never skipped
     E.embed_inputs([str(videos[0])], tmp_path / "out", encoder, size=SIZE, progress=False)
-    t = pq.read_table(tmp_path / "out" / "embeddings.parquet")
+    path = tmp_path / "out" / "embeddings.parquet"
+    t = pq.read_table(path)
     x = np.load(tmp_path / "out" / "embeddings.npy")
     assert t.num_rows == x.shape[0]
     np.testing.assert_array_equal(np.stack(t.column("embedding").to_pylist()), x)
+    pd = pytest.importorskip("pandas")   # dev extra
+    df = pd.read_parquet(path)
+    assert list(df.columns) == ["row", "video_id", "source", "frame_index", "pts_s", "embedding"]
+    np.testing.assert_array_equal(np.stack(df["embedding"].to_numpy()), x)
+    assert df["frame_index"].tolist() == [int(r["frame_index"]) for r in read_index(tmp_path / "out")]
+    duckdb = pytest.importorskip("duckdb")   # dev extra
+    n, first = duckdb.sql(f"SELECT count(*), min(row) FROM '{path}'").fetchall()[0]
+    assert (n, first) == (x.shape[0], 0)
+
+
+def test_workers_decode_in_processes_with_the_single_process_output(tmp_path, encoder, videos):
+    """--workers N: same rows, same order, same vectors (1e-5) as one decoder, with a broken input and shards."""
+    more = [make_video(tmp_path / "v" / f"c{i}.mp4", fps=12, num_frames=20 + 13 * i, width=80, height=64, seed=5 + i)
+            for i in range(3)]
+    (tmp_path / "v" / "broken.mp4").write_bytes(b"not a video")
+    write_test_shards(tmp_path / "shards", videos=2, clips_per_video=2, clip_len=4, shard_clips=3)
+    inputs = [str(tmp_path / "v"), str(tmp_path / "shards")]
+    one = E.embed_inputs(inputs, tmp_path / "one", encoder, size=SIZE, batch_size=5, progress=False)
+    many = E.embed_inputs(inputs, tmp_path / "many", encoder, size=SIZE, batch_size=5, workers=2, progress=False)
+    assert [(r.input, r.status, r.frames) for r in many] == [(r.input, r.status, r.frames) for r in one]
+    assert [r.status for r in one].count("failed") == 1 and len(one) == 8 and more
+    assert read_index(tmp_path / "many") == read_index(tmp_path / "one")
+    np.testing.assert_allclose(np.load(tmp_path / "many" / "embeddings.npy"), np.load(tmp_path / "one" / "embeddings.npy"),
+                               rtol=0, atol=1e-5)
+    again = E.embed_inputs(inputs, tmp_path / "many", encoder, size=SIZE, batch_size=5, workers=2, progress=False)
+    assert [r.status for r in again] == ["cached" if r.status == "ok" else r.status for r in one]
+
+
+def test_pool_normalize_and_a_faiss_index_a_user_can_query(tmp_path, encoder, videos):
+    faiss = pytest.importorskip("faiss")   # the faiss extra, installed by make test
+    ref = E.embed_inputs([str(videos[0])], tmp_path / "cls", encoder, size=SIZE, progress=False)
+    assert ref[0].status == "ok"
+    pixels = []
+    with open_video(str(videos[0]), fps=4.0, short_side=SIZE) as dec:
+        pixels = torch.from_numpy(np.stack([E.center_square(f.image, SIZE) for f in dec])).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        tokens = encoder.forward_features(pixels)
+    cls, mean = tokens[:, 0].numpy(), tokens[:, 1:].mean(1).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "cls" / "embeddings.npy"), cls, atol=1e-5)
+    out = tmp_path / "both"
+    E.embed_inputs([str(videos[0])], out, encoder, size=SIZE, pool="cls+mean", normalize=True, faiss=True,
+                   progress=False)
+    x = np.load(out / "embeddings.npy")
+    both = np.concatenate([cls, mean], 1)
+    np.testing.assert_allclose(x, both / np.linalg.norm(both, axis=1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    index = faiss.read_index(str(out / "embeddings.faiss"))          # what a user does, as in embed_store.py
+    assert (index.ntotal, index.d, index.metric_type) == (x.shape[0], 128, faiss.METRIC_INNER_PRODUCT)
+    scores, rows = index.search(x[2:4], 3)
+    assert rows[:, 0].tolist() == [2, 3] and np.allclose(scores[:, 0], 1.0, atol=1e-4)
+    with pytest.raises(E.EmbedError, match="other settings"):         # the pool is pinned with the parts
+        E.embed_inputs([str(videos[0])], out, encoder, size=SIZE, pool="mean", progress=False)
+    E.embed_inputs([str(videos[0])], tmp_path / "mean", encoder, size=SIZE, pool="mean", progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "mean" / "embeddings.npy"), mean, atol=1e-5)
+    assert not (tmp_path / "mean" / "embeddings.faiss").exists()
+
+
+def test_cli_usage_errors_exit_2_with_one_clear_line(tmp_path, encoder, videos, capsys):
+    from abvid.tools.cli import main
+    enc = str(save_encoder(encoder, TINY, tmp_path / "enc.safetensors"))
+    (tmp_path / "file").write_text("x")
+    cuda = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    for extra, msg in [(["--out", str(tmp_path / "file")], "is a file"),
+                       (["--out", str(tmp_path / "o"), "--device", cuda], "--device"),
+                       (["--out", str(tmp_path / "o"), "--size", "50"], "not a multiple of the encoder's patch size 16"),
+                       (["--out", str(tmp_path / "o"), "--ray-address", "x:1"], "--executor ray")]:
+        capsys.readouterr()
+        assert main(["embed", "--checkpoint", enc, str(videos[0]), *extra, "--no-progress"]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(UsageError, match="use 48 or 64"):
+        E.check_size(encoder, 50)
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_states_exit_codes_and_no_none_defaults(capsys):
+    from abvid.tools.cli import main
+    for cmd in ("embed", "preprocess"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        assert "Exit codes:" in text and "(default: None)" not in text and "(default: )" not in text, cmd
 
 
 def test_center_square():
@@ -238,9 +323,16 @@ def test_bench_embed_reports_the_closing_json_line(tmp_path, encoder, capsys):
     from abvid.tools.cli import main
     video = make_video(tmp_path / "b.mp4", num_frames=30)
     ckpt = save_encoder(encoder, TINY, tmp_path / "enc.safetensors")
-    assert main(["bench", "embed", str(video), "--checkpoint", str(ckpt), "--size", "32", "--fps", "0",
-                 "--batch-size", "8", "--repeat", "1", "--device", "cpu", "--copies", "2"]) == 0
+    common = ["--checkpoint", str(ckpt), "--size", "32", "--fps", "0", "--batch-size", "8", "--repeat", "1",
+              "--device", "cpu"]
+    assert main(["bench", "embed", str(video), *common, "--copies", "2"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["bench"] == "embed" and row["unit"] == "frames/s" and row["frames"] == 60 and row["copies"] == 2
-    assert row["bound"] == pytest.approx(min(row["decode_fps"], row["model_fps"]), rel=1e-2)
+    assert row["bench"] == "embed" and row["unit"] == "frames/s" and row["frames"] == 60 and row["videos"] == 2
+    # on a CPU the decoders and the encoder share the cores: the bound is the two one after the other
+    assert row["bound"] == pytest.approx(1 / (1 / row["decode_fps"] + 1 / row["model_fps"]), rel=1e-2)
     assert row["ratio"] == pytest.approx(row["throughput"] / row["bound"], rel=1e-2)
+    for i in range(3):
+        make_video(tmp_path / "clips" / f"c{i}.mp4", fps=10, num_frames=15, width=64, height=48, seed=i)
+    assert main(["bench", "embed", str(tmp_path / "clips"), *common, "--workers", "2"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["videos"], row["frames"], row["workers"]) == (3, 45, 2) and row["throughput"] > 0

@@ -103,3 +103,16 @@ def test_parse_slice_rejects_bad_specs(spec):
 def test_paths_are_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert expand_inputs(["rel.mp4"])[0].path == os.path.join(str(tmp_path), "rel.mp4")
+
+
+def test_list_files_stream_line_by_line(tmp_path):
+    """A list file is read as items are consumed (a million-line list is never held at once)."""
+    from abvid.pipeline.inputs import iter_inputs
+    for name, good, more, bad in (("l.txt", "a.mp4\n", "b.mp4\n", b"\xff\n"),
+                                  ("l.jsonl", '{"path": "a.mp4"}\n', '{"path": "b.mp4"}\n', b"{oops\n"),
+                                  ("l.csv", "path\na.mp4\n", "b.mp4\n", b",,\n")):
+        (tmp_path / name).write_bytes((good + more * 30000).encode() + bad)   # the bad line ~200 KB in
+        it = iter_inputs([str(tmp_path / name)])
+        assert next(it).path == str(tmp_path / "a.mp4")     # the first entry comes before the bad line is read
+        with pytest.raises(InputError, match=name):
+            list(it)

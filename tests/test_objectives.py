@@ -342,3 +342,20 @@ def test_loss_traces_for_torch_compile_with_one_break_for_the_metrics(name):
     ex = torch._dynamo.explain(lambda b: obj.loss(b, teacher_temp=0.05))(toy_batch())
     torch._dynamo.reset()
     assert ex.graph_break_count == 1 and all("tolist" in str(r.reason) for r in ex.break_reasons)
+
+
+@pytest.mark.parametrize("annotation_grad", [True, False])
+def test_annotation_grad_decides_whether_q_trains_the_annotations(annotation_grad):
+    """annotation_grad=False: the bootstrap term changes no gradient of the student head (psi's source);
+    it still reaches the encoder through the value decoder."""
+    grads = {}
+    for weight in (0.0, 1.0):
+        obj = make("simclr", bootstrap=True, bootstrap_weight=weight, annotation_grad=annotation_grad)
+        loss, _ = obj.loss(toy_batch())
+        loss.backward()
+        grads[weight] = {n: p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None}
+    head = [n for n in grads[1.0] if n.startswith("student_head.")]
+    same_head = all(torch.allclose(grads[0.0][n], grads[1.0][n], atol=1e-7) for n in head)
+    assert same_head == (not annotation_grad)
+    enc = "student_encoder.blocks.0.attn.qkv.weight"
+    assert not torch.allclose(grads[0.0][enc], grads[1.0][enc])

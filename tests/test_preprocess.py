@@ -205,7 +205,7 @@ def test_clip_stride_overlap_and_gaps(tmp_path, corpus):
 
 def test_frames_in_stride_gaps_are_not_encoded(tmp_path, corpus, monkeypatch):
     """clip_stride > clip_len: only the frames of clips (and at most a short tail) reach the encoder."""
-    import abvid.pipeline.preprocess as P
+    import abvid.pipeline.clips as P
     calls = []
     real = P.encode_image
     monkeypatch.setattr(P, "encode_image", lambda img, fmt, quality: calls.append(1) or real(img, fmt, quality))
@@ -219,11 +219,11 @@ def test_frames_in_stride_gaps_are_not_encoded(tmp_path, corpus, monkeypatch):
 def test_cli_exit_codes(tmp_path, corpus, capsys):
     out = str(tmp_path / "out")
     ok = str(corpus["good0"])
-    assert cli_main(["preprocess", ok, "--out", out, "--size", "48", "--no-progress"]) == 0
-    assert cli_main(["preprocess", ok, str(tmp_path / "nope.mp4"), "--out", out, "--size", "48",
-                     "--no-progress"]) == 1
-    assert cli_main(["preprocess", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "o3"),
-                     "--no-progress"]) == 3
+    small = ["--size", "48", "--clip-len", "4", "--no-progress"]
+    assert cli_main(["preprocess", ok, "--out", out, *small]) == 0
+    (tmp_path / "list.txt").write_text(f"{ok}\n{tmp_path / 'nope.mp4'}\n")   # a missing entry of a list: exit 1
+    assert cli_main(["preprocess", str(tmp_path / "list.txt"), "--out", out, *small]) == 1
+    assert "no such file" in manifest(Path(out))[str(tmp_path / "nope.mp4")]["error"]
     with pytest.raises(SystemExit) as e:
         cli_main(["preprocess", ok, "--out", out, "--bogus"])
     assert e.value.code == 2
@@ -236,8 +236,45 @@ def test_cli_exit_codes(tmp_path, corpus, capsys):
                       ([str(tmp_path / "list.csv")], "list.csv:1"),
                       ([ok, "--slice", "5/2"], "--slice"),
                       ([ok, "--size", "32"], "other settings")]:   # resume with other settings
-        assert cli_main(["preprocess", *argv, "--out", out, "--no-progress"]) == 2, argv
-        assert msg in capsys.readouterr().err
+        assert cli_main(["preprocess", *argv, "--out", out, "--clip-len", "4", "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_input_or_out_a_file_is_a_usage_error_and_creates_nothing(tmp_path, corpus, capsys):
+    nope = tmp_path / "nope.mp4"
+    for inputs in ([str(nope)], [str(corpus["good0"]), str(nope)]):
+        assert cli_main(["preprocess", *inputs, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert str(nope) in err and "no such file" in err and "Traceback" not in err
+        assert not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["preprocess", str(corpus["good0"]), "--out", str(tmp_path / "file"), "--no-progress"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_too_short_videos_are_skipped_and_nothing_usable_exits_3(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    args = ["preprocess", str(corpus["good0"]), str(corpus["good1"]), "--out", str(out), "--size", "48",
+            "--no-progress"]                     # 3 s at 4 fps: 12 frames < the default clip of 16
+    assert cli_main(args) == 3
+    cap = capsys.readouterr()
+    assert "nothing usable" in cap.err and "shorter than one clip of 16" in cap.err and "--clip-len" in cap.err
+    assert "skipped: too short" in cap.out
+    rows = manifest(out)
+    assert {r["status"] for r in rows.values()} == {"skipped"} and {r["reason"] for r in rows.values()} == {"too short"}
+    assert all("12 frames" in r["error"] for r in rows.values())
+    assert cli_main(args) == 3                   # still nothing, and the short videos are not decoded again
+    assert json.loads((out / "stats.json").read_text())["by_node"] == {} and "nothing usable" in capsys.readouterr().err
+    # with usable clips from an earlier run, a too-short newcomer does not make the run fail
+    out2 = tmp_path / "out2"
+    base = ["--out", str(out2), "--size", "48", "--clip-len", "12", "--no-progress"]
+    assert cli_main(["preprocess", str(corpus["good0"]), *base]) == 0
+    short = make_video(tmp_path / "in2" / "short.mp4", fps=10, num_frames=10, width=96, height=64)
+    assert cli_main(["preprocess", str(corpus["good0"]), str(short), *base]) == 0
+    assert manifest(out2)[str(short)]["status"] == "skipped"
+    assert cli_main(["preprocess", str(corpus["good0"]), str(short), *base]) == 0   # everything done: exit 0
+    capsys.readouterr()
 
 
 def test_second_run_on_the_same_output_is_refused_while_one_runs(tmp_path, corpus, capsys):
@@ -250,7 +287,7 @@ def test_second_run_on_the_same_output_is_refused_while_one_runs(tmp_path, corpu
     assert "another preprocess run" in capsys.readouterr().err
     # another slice (prefix) of the same folder is not blocked
     assert cli_main(["preprocess", str(corpus["good0"]), "--out", str(out), "--prefix", "other", "--size", "48",
-                     "--no-progress"]) == 0
+                     "--clip-len", "4", "--no-progress"]) == 0
 
 
 def test_slices_cover_every_input_once(tmp_path, corpus):
@@ -347,9 +384,11 @@ def test_every_shared_media_file_ends_ok_or_failed_with_reason(tmp_path, shared_
     expected = [it.path for it in expand_inputs([str(shared_media)])]
     assert sorted(rows) == sorted(expected) and stats.inputs == len(expected) > 40
     for path, row in rows.items():
-        assert row["status"] in ("ok", "failed"), row
-        if row["status"] == "failed":
+        assert row["status"] in ("ok", "failed", "skipped"), row
+        if row["status"] != "ok":
             assert path in row["error"] and row["error"], row
-    print({p.split("videos/")[-1]: r["error"] for p, r in rows.items() if r["status"] == "failed"})
-    assert stats.ok >= len(expected) - 3
+        if row["status"] == "skipped":   # a clip under 2 s: fewer frames at 1 fps than one clip of 2
+            assert row["reason"] == "too short" and row["frames"] < 2, row
+    print({p.split("videos/")[-1]: r["error"] for p, r in rows.items() if r["status"] != "ok"})
+    assert stats.ok + stats.skipped >= len(expected) - 3 and stats.ok > 30
     assert len(read_shards(out)) == stats.clips

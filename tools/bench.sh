@@ -18,6 +18,8 @@ fi
   echo "== preprocess";  abvid bench preprocess "$CLIP" --fps 4 --size 256
   echo "== loader";      abvid bench loader "$W/shards" --workers "${WORKERS:-2}"
   echo "== train";       abvid bench train --arch vit_tiny
+  echo "== preprocess (folder)"; abvid bench preprocess "$W/corpus" --workers "${WORKERS:-2}" --rounds 2
   echo "== embed";       abvid bench embed "$CLIP" --arch vit_tiny --copies 2 --batch-size 32
+  echo "== embed (workers)"; abvid bench embed "$W/corpus" --arch vit_tiny --size 112 --batch-size 32 --workers "${WORKERS:-2}"
 } 2>&1 | tee "$W/bench.log"
 echo "JSON lines:"; grep '^{' "$W/bench.log"

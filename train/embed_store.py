@@ -6,8 +6,15 @@ batch by batch under a temp name), ``<name>.csv`` (its index rows) and, last,
 place, so a part is either complete and marked done or ignored. A unit that failed leaves
 only ``<name>.failed.json`` (``{"status": "failed", "error", "path"}``). ``merge_parts``
 concatenates done parts into ``embeddings.npy`` (``np.lib.format.open_memmap`` on a
-temp name, then rename; memory flat in N), ``index.csv`` and, when pyarrow is
-installed, ``embeddings.parquet`` (index columns + a fixed-size-list ``embedding``).
+temp name, then rename; memory flat in N), ``index.csv`` and ``embeddings.parquet``
+(index columns + a fixed-size-list ``embedding``; pyarrow is a dependency of abvid, and
+the file is skipped only where it is absent). ``write_faiss`` adds ``embeddings.faiss``,
+an exact (flat) faiss index whose ids are the rows of ``index.csv``:
+
+    import faiss, numpy as np
+    index = faiss.read_index("emb/embeddings.faiss")
+    x = np.load("emb/embeddings.npy", mmap_mode="r")
+    scores, rows = index.search(np.asarray(x[:1], dtype=np.float32), 5)   # the 5 frames nearest row 0
 """
 from __future__ import annotations
 
@@ -176,3 +183,18 @@ def _write_parquet(out: Path, chunk: int = 65536) -> bool:
                 writer.close()
     os.replace(tmp, out / "embeddings.parquet")
     return True
+
+
+def write_faiss(out: Path, metric: str = "l2", chunk: int = 65536) -> Path:
+    """``embeddings.faiss``: a flat index over embeddings.npy (inner product for ``metric="ip"``, e.g.
+    normalised vectors, else L2), added in chunks from the memory map; written to a temp name, renamed."""
+    import faiss
+
+    x = np.load(out / "embeddings.npy", mmap_mode="r")
+    index = faiss.IndexFlatIP(x.shape[1]) if metric == "ip" else faiss.IndexFlatL2(x.shape[1])
+    for start in range(0, x.shape[0], chunk):
+        index.add(np.ascontiguousarray(x[start:start + chunk], dtype=np.float32))
+    tmp = out / ".embeddings.faiss.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out / "embeddings.faiss")
+    return out / "embeddings.faiss"

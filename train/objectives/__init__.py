@@ -42,6 +42,7 @@ class ObjectiveConfig:
     gamma: float = 0.0                  # weight of max_{a'} Q_ema(l | x', a') in the target
     num_next_actions: int = 4           # |A'|: sampled next actions out of x' (used when gamma > 0)
     bootstrap_weight: float = 1.0       # lambda: total = base + lambda * bootstrap
+    annotation_grad: bool = True        # the bootstrap loss also trains the annotations psi it scores against
     action_tokens: bool = True          # false: mask tokens, Q independent of the action
     target_network: bool = True         # false: targets from the student (no EMA copy)
     temporal: bool = True               # false: dt is not part of the action
@@ -110,7 +111,7 @@ def build_objective(obj_cfg: ObjectiveConfig, model_cfg: ModelConfig,
                              encoding=c.action_encoding)
     return Objective(family, encoder, head, value, target_network=c.target_network,
                      bootstrap_weight=c.bootstrap_weight, gamma=c.gamma, num_next_actions=c.num_next_actions,
-                     default_teacher_temp=c.teacher_temp)
+                     default_teacher_temp=c.teacher_temp, annotation_grad=c.annotation_grad)
 
 
 __all__ = ["ObjectiveConfig", "Objective", "build_objective"]

@@ -84,7 +84,7 @@ class Objective(nn.Module):
 
     def __init__(self, family: nn.Module, encoder: nn.Module, head: nn.Module, value: nn.Module | None = None, *,
                  target_network: bool = True, bootstrap_weight: float = 1.0, gamma: float = 0.0,
-                 num_next_actions: int = 4, default_teacher_temp: float = 0.04):
+                 num_next_actions: int = 4, default_teacher_temp: float = 0.04, annotation_grad: bool = True):
         super().__init__()
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
@@ -102,6 +102,9 @@ class Objective(nn.Module):
         self.teacher_value = _frozen_copy(value) if self.bootstrap and target_network else None
         self.bootstrap_weight, self.gamma, self.num_next_actions = bootstrap_weight, gamma, num_next_actions
         self.default_teacher_temp = default_teacher_temp
+        # False: Q's loss reaches the encoder through the value decoder only, not the annotation vectors psi
+        # (the student's head outputs / prototypes), whose geometry then comes from the base loss alone
+        self.annotation_grad = annotation_grad
         self._pending_state: tuple | None = None   # family state of the last training step, see update_teacher
 
     def forward(self, batch: dict[str, Any], teacher_temp: float | None = None):
@@ -161,7 +164,8 @@ class Objective(nn.Module):
             if self.gamma > 0.0:
                 with torch.no_grad():
                     q_next = next_values(value_t, enc_t, psi_t, self._next_actions(batch))
-            ab, ab_metrics = bootstrap_loss(value_s=self.student_value, enc_s=enc_s, psi_s=psi_s, exclude=exclude,
+            psi_q = psi_s if self.annotation_grad else psi_s.detach()
+            ab, ab_metrics = bootstrap_loss(value_s=self.student_value, enc_s=enc_s, psi_s=psi_q, exclude=exclude,
                                             actions=pairwise_actions(batch["boxes"], batch["frame_idx"], batch["aug"]),
                                             p_next=p_t, q_next=q_next, gamma=self.gamma, boxes=batch["boxes"])
             total = total + self.bootstrap_weight * ab
