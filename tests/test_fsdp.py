@@ -13,7 +13,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -127,9 +126,9 @@ def test_fsdp_matches_ddp_and_checkpoints_cross_strategies(shards, tmp_path):
     assert torch.allclose(za, zb, atol=1e-4)
 
 
-def _pretrain_worker(rank: int, world: int, port: int, shards: str, run_dir: str, kill_at_call: int) -> None:
-    """``abvid pretrain``'s function under FSDP; SIGKILLs itself (no handler, no checkpoint) at the given
-    loss call, on every rank, at the start of the step: a real kill, not an exception."""
+def _pretrain_worker(rank: int, world: int, port: int, shards: str, run_dirs: list[str], kill_at_call: int) -> None:
+    """``abvid pretrain``'s function under FSDP, once per run dir; SIGKILLs itself (no handler, no checkpoint)
+    at the given loss call, on every rank, at the start of the step: a real kill, not an exception."""
     _env(rank, world, port)
     from abvid.pipeline.config import load_config
     from abvid.train.config import PretrainConfig
@@ -146,29 +145,30 @@ def _pretrain_worker(rank: int, world: int, port: int, shards: str, run_dir: str
             return loss(self, batch, teacher_temp)
         Objective.loss = counted
     cfg = load_config(PretrainConfig, None, [f"data.shards={shards}", *TINY, "train.strategy=fsdp",
-                                             "train.steps=8", "train.ckpt_every=4"])
-    pretrain(cfg, run_dir)
+                                             "train.steps=6", "train.ckpt_every=3"])
+    ports = [port] + [int(p) for p in os.environ.get("ABVID_TEST_MORE_PORTS", "").split(",") if p]
+    for run_dir, p in zip(run_dirs, ports):  # pretrain() seeds everything and makes its own process group
+        os.environ["MASTER_PORT"] = str(p)   # a fresh rendezvous store for each group
+        pretrain(cfg, run_dir)
 
 
 @pytest.mark.slow
 def test_killed_fsdp_run_resumes_to_the_same_losses(shards, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    # uninterrupted reference through the documented launch: torchrun + the CLI
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "abvid.tools.cli", "pretrain", "--out", str(full), "--set", f"data.shards={shards}"]
-    for kv in TINY + ["train.strategy=fsdp", "train.steps=8", "train.ckpt_every=4"]:
-        args += ["--set", kv]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
-        mp.spawn(_pretrain_worker, args=(2, free_port(), str(shards), str(part), 7), nprocs=2, join=True)
-    assert [p.name for p in sorted((part / "checkpoints").iterdir())] == ["ckpt-00000004.pt"]
-    mp.spawn(_pretrain_worker, args=(2, free_port(), str(shards), str(part), 0), nprocs=2, join=True)
-    a, b = losses(full), losses(part)
-    assert sorted(a) == sorted(b) == list(range(1, 9))
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):            # killed in step 5
+        mp.spawn(_pretrain_worker, args=(2, free_port(), str(shards), [part], 5), nprocs=2, join=True)
+    assert [p.name for p in sorted((tmp_path / "part" / "checkpoints").iterdir())] == ["ckpt-00000003.pt"]
+    # the resume, then an uninterrupted run for reference (same processes: two launches instead of three)
+    os.environ["ABVID_TEST_MORE_PORTS"] = str(free_port())            # read by the spawned workers
+    try:
+        mp.spawn(_pretrain_worker, args=(2, free_port(), str(shards), [part, full], 0), nprocs=2, join=True)
+    finally:
+        del os.environ["ABVID_TEST_MORE_PORTS"]
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
-    assert "resuming from" in (part / "train.log").read_text()
+    assert "resuming from" in (tmp_path / "part" / "train.log").read_text()
 
 
 def test_activation_checkpointing_keeps_losses_and_gradients():

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check_results.md", help="results file (markdown)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, few steps: checks the script only")
-    p.add_argument("--steps", type=int, default=None, help="training steps per row (default 40; dry run 6)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per row (default 40; dry run 4)")
     p.add_argument("--batch", type=int, default=None, help="clips per step (default 64; dry run 4)")
     p.add_argument("--time-limit", type=float, default=150.0, help="seconds per row (a row past it says so)")
     p.add_argument("--archs", default="vit_small,vit_base")
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, work: Path, dry: bool, parts: set[str], compiles: list[bool]) -> int:
-    steps, batch = args.steps or (6 if dry else 40), args.batch or (4 if dry else 64)
+    steps, batch = args.steps or (4 if dry else 40), args.batch or (4 if dry else 64)
     cores = os.cpu_count() or 2
     prep = _make_shards(work, dry) if "shards" in parts and not args.shards else None
     views = (2, 32, 2 if dry else 4, 16) if dry else (2, 224, 4, 96)
