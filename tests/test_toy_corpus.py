@@ -114,7 +114,7 @@ def test_help_explains_options(capsys):
         assert word in text
 
 
-def test_crowd_kind_four_objects_of_eight_classes_in_square_frames(tmp_path):
+def test_crowd_kind_three_objects_of_eight_classes_in_square_frames(tmp_path):
     paths = T.make_toy_corpus(tmp_path, videos=4, seconds=3.0, fps=8.0, seed=0, kind="crowd")
     rows = _rows(tmp_path)
     per_video: dict[str, list[dict]] = {}
@@ -123,7 +123,7 @@ def test_crowd_kind_four_objects_of_eight_classes_in_square_frames(tmp_path):
         per_video.setdefault(r["video"], []).append(r)
     assert set(per_video) == {p.name for p in paths}
     for objs in per_video.values():
-        assert len(objs) == 4 and len({r["label"] for r in objs}) == 4          # distinct classes
+        assert len(objs) == 3 and len({r["label"] for r in objs}) == 3          # distinct classes
         assert any(float(r["start_s"]) == 0.0 and float(r["end_s"]) == 3.0 for r in objs)   # a label every frame
     with av.open(str(paths[0])) as c:
         s = c.streams.video[0]
@@ -142,4 +142,5 @@ def test_crowd_objects_stay_in_their_quadrant():
             T._step(o)
             assert x_lo + o["radius"] - 1e-9 <= o["pos"][0] <= x_hi - o["radius"] + 1e-9
             assert y_lo + o["radius"] - 1e-9 <= o["pos"][1] <= y_hi - o["radius"] + 1e-9
-    assert sorted((o["bounds"][0], o["bounds"][2]) for o in objs) == [(0, 0), (0, 48), (48, 0), (48, 48)]
+    corners = [(o["bounds"][0], o["bounds"][2]) for o in objs]
+    assert len(set(corners)) == 3 and set(corners) <= {(0, 0), (0, 48), (48, 0), (48, 48)}
