@@ -151,10 +151,13 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch raises anything from IndexError to UnpicklingError here
-        raise EncoderFileError(f"{path}: cannot read as a training checkpoint ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass a checkpoint written by "
-                               "`abvid pretrain` (RUN/checkpoints/ckpt-*.pt) or a .safetensors from `abvid export`"
-                               ) from e
+        text = str(e).splitlines()[0][:160] if str(e) else ""
+        # torch's own advice for a refused pickle is to load with weights_only=False: not ours to give
+        why = "not a torch file, or it holds objects a weights-only load refuses" if (
+            "weights_only" in text or not text) else text
+        raise EncoderFileError(f"{path}: cannot read as a training checkpoint ({type(e).__name__}: {why}); pass a "
+                               "checkpoint written by `abvid pretrain` (RUN/checkpoints/ckpt-*.pt) or a .safetensors "
+                               "from `abvid export`") from e
 
 
 def read_checkpoint(path: str | Path, which: Which = "ema",
