@@ -20,6 +20,7 @@ import torch
 
 from abvid.train import dist
 from abvid.train.loop import seed_everything, train
+from abvid.train.metrics import setup_logging
 
 log = logging.getLogger("abvid.train")
 
@@ -114,6 +115,9 @@ def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True,
         seed_everything(tc.seed)  # the same on every rank: identical student and teacher init
         objective = build_objective(cfg.objective, cfg.model, data_info)
         if cfg.model.init_from:
+            if ctx.is_main:            # train() sets up the run's log again; this line must reach it already
+                Path(run_dir).mkdir(parents=True, exist_ok=True)
+            setup_logging(Path(run_dir) if ctx.is_main else None, ctx.rank)
             init_encoders(objective, cfg.model.init_from)
         loader = build_loader(cfg.data, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size)
         on_device = None if cfg.data.aug_in_loader else augment_on_device
