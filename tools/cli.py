@@ -57,7 +57,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     flags (store_true) or options whose default is None (their help says what None means)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.required or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+        if action.required or action.nargs == 0 or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             return action.help or ""
         return super()._get_help_string(action)
 

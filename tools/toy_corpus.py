@@ -1,4 +1,4 @@
-"""Generate a synthetic H.264 video corpus with per-segment labels (issue 2 item 3).
+"""Generate a synthetic H.264 video corpus with per-segment labels, to try every job on.
 
     abvid toy-corpus data/toy --videos 24 --seconds 6 --size 128x96 --fps 12 --seed 0
 
@@ -24,6 +24,9 @@ Why it looks the way it does:
     solve its task from the background and has to look at the objects.
 Rendering is vectorised numpy on each object's bounding box; x264 runs single-threaded
 without mbtree, with fixed settings, so the bytes are reproducible.
+
+Exit codes: 0 written; 2 usage error (a bad --size, --fps, --seconds or --videos);
+3 OUT cannot be written, or an unexpected error (a bug; the message names a log file).
 """
 from __future__ import annotations
 
