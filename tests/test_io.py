@@ -228,3 +228,11 @@ def test_init_weights_from_timm_and_shape_errors(tmp_path):
     torch.save({"x": argparse.Namespace(a=1)}, tmp_path / "pickle.pth")            # never unpickled
     with pytest.raises(EncoderFileError, match="pickle.pth"):
         init_encoder_from(build_encoder(**kw), tmp_path / "pickle.pth")
+
+
+def test_timm_export_of_a_legacy_encoder_states_its_eps(tmp_path):
+    from abvid.model.io import save_timm
+    legacy = build_encoder(**{**TINY, "norm_eps": 1e-5})
+    with pytest.warns(UserWarning, match=r"LayerNorm eps 1e-05.*norm_layer=partial\(nn.LayerNorm, eps=1e-05\)"):
+        _, kw = save_timm(legacy, {**TINY, "norm_eps": 1e-5}, tmp_path / "t.safetensors")
+    assert kw["norm_eps"] == 1e-5 and kw["global_pool"] == "token" and kw["num_classes"] == 0
