@@ -1,5 +1,5 @@
 # abvid: `make demo` runs the whole pipeline on a toy corpus; `make test` runs the suite.
-# Each target builds .venv first (once; redone when pyproject.toml changes).
+# Each target builds .venv first (once; redone when pyproject.toml changes), with the dev and tb extras.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev,ray,faiss]'
+	$(PY) -m pip install -q -e '.[dev,ray,faiss,tb]'
 	touch $@
 
 demo: venv

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from .vit import ARCHS, VisionTransformer, num_params, vit_base, vit_large, vit_small, vit_tiny
 
+NORM_EPS = 1e-6   # LayerNorm eps of encoders built now; recorded in encoder_kwargs (older files: 1e-5, model/io.py)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -24,7 +26,10 @@ class ModelConfig:
     ``embed_dim`` / ``depth`` / ``num_heads`` override the named variant when set
     (toy runs: e.g. ``arch=vit_tiny, embed_dim=128, depth=4, num_heads=4``).
     ``img_size`` is the grid the position embedding is stored for; other input
-    sizes (local crops) interpolate it.
+    sizes (local crops) interpolate it. ``init_from`` starts a new run from ViT weights
+    (an ``abvid export`` file in either layout, a timm ViT state dict as .safetensors or
+    .pth, or a training checkpoint; model/io.py ``init_encoder_from``): student and
+    teacher encoders start from them, the heads from scratch. A resumed run ignores it.
     """
     arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = "vit_small"
     patch_size: int = 16
@@ -33,6 +38,7 @@ class ModelConfig:
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    init_from: str = ""
 
 
 def build_encoder(arch: str, patch_size: int = 16, **kw: Any) -> VisionTransformer:
@@ -49,7 +55,7 @@ def build_encoder(arch: str, patch_size: int = 16, **kw: Any) -> VisionTransform
 def encoder_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The keyword arguments of ``build_encoder`` for ``cfg`` (stored in checkpoints; Nones dropped)."""
     out = {"arch": cfg.arch, "patch_size": cfg.patch_size, "img_size": cfg.img_size, "drop_path": cfg.drop_path,
-           "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads}
+           "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads, "norm_eps": NORM_EPS}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -21,6 +21,7 @@ with (timm's ``vit_large_patch16_224``). Large variants can be built on the meta
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -109,8 +110,12 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
-                 num_classes: int = 0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm):
+                 num_classes: int = 0, norm_layer: Callable[[int], nn.Module] | None = None,
+                 norm_eps: float = 1e-6):
         super().__init__()
+        # LayerNorm eps 1e-6 as timm, DINO and MAE use (so an export runs identically in timm); files
+        # written before checkpoints carried a format version used torch's default 1e-5 (model/io.py).
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=norm_eps)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.patch_size = patch_size

@@ -21,7 +21,9 @@ consumed. StatefulDataLoader stores that state per worker with every batch; on
 ``load_state_dict`` each worker rebuilds the epoch's raw stream and drops the first
 ``position`` samples *before* view sampling and decoding, so a replay reads tar
 bytes but decodes no JPEG. Samples skipped by the error policy (source.py) count as
-consumed positions, so resume stays exact when some data are bad. Resume needs the
+consumed positions, so resume stays exact when some data are bad. Each reader's skips
+go to a ``source.SkipLog`` (logged once per shard and fault, counted in each batch as
+``data_skipped``, the run stopped past ``data.max_bad_fraction``). Resume needs the
 same shards, seed, world size and number of workers (the last two checked, with a clear
 error: ``TransitionLoader.load_state_dict`` / ``ClipDataset.load_state_dict``).
 
@@ -48,8 +50,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from abvid.pipeline.source import (Stage, check_split, epoch_shards, expand_shards, group_samples, shuffle,
-                                   tar_members, warn_skip)
+from abvid.pipeline.errors import JobError
+from abvid.pipeline.source import (SkipLog, SkipPolicy, Stage, check_split, epoch_shards, expand_shards,
+                                   group_samples, shuffle, tar_members, warn_skip)
 from abvid.pipeline.views import FRAME_SUFFIXES, ViewConfig, Views, ViewSampler, decode_frame, render, render_into
 
 # Sub-streams of the (seed, epoch, rank, worker, ...) seeding (source.py uses 0 and 1).
@@ -73,6 +76,7 @@ class DataConfig(ViewConfig):
                                              # caller (views.augment works on GPU tensors); flip stays here
     decode_on: Literal["workers", "device"] = "workers"   # device: batches carry JPEG bytes + view parameters,
                                              # decoded and rendered on the training device (pipeline/gpu_views.py)
+    max_bad_fraction: float = 0.1            # stop when more than this share of the samples read is unreadable
 
     def view_sampler(self) -> ViewSampler:
         return ViewSampler(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ViewConfig)})
@@ -103,7 +107,8 @@ def _labels_at(annotations: list[dict], times: list[float]) -> list[str]:
     return labels
 
 
-def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Generator], next_views: int = 0) -> Stage:
+def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Generator], next_views: int = 0,
+                 on_skip: SkipPolicy = warn_skip) -> Stage:
     """Stage: raw clip -> "__frames__" (still bytes), "__views__", "__times__", "__labels__"; no pixels touched.
 
     ``next_views`` > 0 also draws that many fresh, never rendered views per clip ("__next__"): the
@@ -126,14 +131,14 @@ def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Genera
                 times = [float(meta["pts_s"][int(t)]) for t in views.frame_idx]
                 labels = _labels_at(meta.get("annotations") or [], times)
             except (KeyError, ValueError, TypeError) as e:   # json.JSONDecodeError is a ValueError
-                warn_skip(url, key, f"bad clip metadata ({type(e).__name__}: {e})")
+                on_skip(url, key, f"bad clip metadata ({type(e).__name__}: {e})")
                 continue
             yield {"__key__": key, "__url__": url, "__frames__": frames, "__views__": views, "__next__": nxt,
                    "__times__": times, "__labels__": labels}
     return stage
 
 
-def decode_frames() -> Stage:
+def decode_frames(on_skip: SkipPolicy = warn_skip) -> Stage:
     """Stage: decode only the frames the views use -> "__frames__" = {index: (3, H, W) uint8}."""
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
         for s in samples:
@@ -142,7 +147,7 @@ def decode_frames() -> Stage:
                 s["__frames__"] = {int(t): decode_frame(s["__frames__"][int(t)][1], s["__frames__"][int(t)][0])
                                    for t in np.unique(views.frame_idx)}
             except (RuntimeError, ValueError) as e:
-                warn_skip(s["__url__"], s["__key__"], f"frame does not decode ({type(e).__name__}: {e})")
+                on_skip(s["__url__"], s["__key__"], f"frame does not decode ({type(e).__name__}: {e})")
                 continue
             yield s
     return stage
@@ -208,7 +213,7 @@ class ClipDataset(IterableDataset):
                  world_size: int = 1, resampled: bool = True, one_pass: bool = False, shuffle: bool = True,
                  shuffle_buffer: int = 256, allow_pipe: bool = False, apply_aug: bool = True,
                  decode_only: bool = False, batch_size: int | None = None, next_views: int = 0,
-                 jpeg_bytes: bool = False):
+                 jpeg_bytes: bool = False, max_bad_fraction: float = 0.1):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         if jpeg_bytes and (batch_size is None or decode_only):
@@ -220,6 +225,7 @@ class ClipDataset(IterableDataset):
         self.next_views = next_views
         self.jpeg_bytes = jpeg_bytes             # batches of JPEG bytes + view parameters (pipeline/gpu_views.py)
         self._epoch, self._position, self._loaded_workers = 0, 0, None
+        self.skips = SkipLog(max_bad_fraction)      # per process: each DataLoader worker counts its own
 
     def state_dict(self) -> dict:
         """Resume state; "cpu_s" (this process's CPU seconds so far) is diagnostics for the benchmark only."""
@@ -244,16 +250,17 @@ class ClipDataset(IterableDataset):
                 if pos < start:                 # resume replay: raw bytes only, nothing decoded
                     continue
                 self._position = pos + 1        # set before yielding: a state taken now includes this sample
+                self.skips.read()
                 s["__pos__"] = pos
                 yield s
 
-        stages = [tar_members(self.allow_pipe), group_samples(),
+        stages = [tar_members(self.allow_pipe, on_skip=self.skips), group_samples(),
                   shuffle(self.shuffle_buffer if self.shuffle else 0, shuffle_rng), count_and_skip,
-                  sample_views(self.sampler, rng_for, self.next_views)]
+                  sample_views(self.sampler, rng_for, self.next_views, self.skips)]
         if self.jpeg_bytes:
             from abvid.pipeline import gpu_views
             return stages + [gpu_views.read_headers()]       # batched in __iter__; decoded on the device
-        stages.append(decode_frames())
+        stages.append(decode_frames(self.skips))
         if self.decode_only:
             return stages + [lambda it: ({"key": s["__key__"], "frames": len(s["__frames__"])} for s in it)]
         if self.batch_size is not None:
@@ -265,8 +272,14 @@ class ClipDataset(IterableDataset):
             return self._clips()
         if self.jpeg_bytes:
             from abvid.pipeline import gpu_views
-            return gpu_views.jpeg_batches(self.batch_size, _row, _stack_rows)(self._clips())
-        return render_batches(self.sampler, self.apply_aug, self.batch_size)(self._clips())
+            return self._with_skips(gpu_views.jpeg_batches(self.batch_size, _row, _stack_rows)(self._clips()))
+        return self._with_skips(render_batches(self.sampler, self.apply_aug, self.batch_size)(self._clips()))
+
+    def _with_skips(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Each batch carries ``data_skipped``: samples this reader skipped since its previous batch."""
+        for batch in batches:
+            batch["data_skipped"] = self.skips.take()
+            yield batch
 
     def _clips(self) -> Iterator[dict]:
         """The endless (or one-pass) stream of clips, epoch after epoch."""
@@ -296,8 +309,8 @@ class ClipDataset(IterableDataset):
                 return
             empty_epochs = empty_epochs + 1 if produced == 0 and start == 0 else 0
             if empty_epochs >= 10:   # an endless stream of nothing would hang the training loop silently
-                raise RuntimeError(f"worker {worker} of rank {self.rank} got no usable sample in 10 epochs in a row "
-                                   f"(last shards {urls[:5]}): check the SampleSkipped warnings above")
+                raise JobError(f"worker {worker} of rank {self.rank} got no usable sample in 10 epochs in a row "
+                               f"(last shards {urls[:5]}): check the SampleSkipped warnings above")
 
 
 def pixel_buffer(shape: tuple[int, ...]) -> torch.Tensor:
@@ -381,7 +394,8 @@ def build_dataset(cfg: DataConfig, rank: int = 0, world_size: int = 1, one_pass:
                        shuffle_buffer=cfg.shuffle_buffer, allow_pipe=cfg.allow_pipe,
                        apply_aug=cfg.aug_in_loader, decode_only=decode_only, batch_size=batch_size,
                        next_views=next_views,
-                       jpeg_bytes=cfg.decode_on == "device" and batch_size is not None and not decode_only)
+                       jpeg_bytes=cfg.decode_on == "device" and batch_size is not None and not decode_only,
+                       max_bad_fraction=cfg.max_bad_fraction)
 
 
 def build_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -30,7 +30,16 @@ replacement from the whole list (an endless stream; no count requirement).
 Error policy (one for the whole loader): a sample that cannot be used is skipped
 with a ``SampleSkipped`` warning naming the shard and the key; a shard that
 cannot be opened or whose tar stream breaks is skipped from that point with the
-same warning (the samples already read are kept).
+same warning (the samples already read are kept). Stages take the policy as
+``on_skip(url, key, reason)``; the default warns every time (inspect, embed).
+Training passes a :class:`SkipLog`: it warns once per shard and kind of damage
+rather than once per sample and epoch, counts the skips (``data_skipped`` in the
+metrics) against the samples read, and stops the run with a ``JobError`` when more
+than ``max_fraction`` of them was bad (after at least ``MIN_BAD_TO_STOP`` bad ones,
+so one bad clip among the first few read does not end a run). A sample skipped
+after the loader counted its position still counts as consumed, so resume stays
+exact; a truncated tar counts as one bad sample (the one cut) and its rest is
+simply absent, the same on every pass.
 """
 from __future__ import annotations
 
@@ -45,7 +54,11 @@ from typing import IO
 import braceexpand
 import numpy as np
 
+from abvid.pipeline.errors import JobError, UsageError
+
 Stage = Callable[[Iterator[dict]], Iterator[dict]]
+SkipPolicy = Callable[[str, "str | None", str], None]     # on_skip(url, key or None, reason)
+MIN_BAD_TO_STOP = 10
 
 URL_SCHEMES = ("http://", "https://")
 SHARD_SUFFIX = ".tar"
@@ -60,21 +73,67 @@ def warn_skip(url: str, key: str | None, reason: str) -> None:
     warnings.warn(f"skipping {where}: {reason}", SampleSkipped, stacklevel=2)
 
 
+class ShardSpecError(UsageError):
+    """A shard spec names nothing readable, or a pipe: URL without allow_pipe (exit 2)."""
+
+
+class SkipLog:
+    """Skip policy of one reader (a DataLoader worker, or the main process): count, log once, give up.
+
+    ``read()`` counts a sample the reader consumed; calling the object with (url, key, reason)
+    counts a skip, warns the first time this shard shows this kind of damage, and raises
+    ``JobError`` once more than ``max_fraction`` of the samples seen so far was bad (and at
+    least ``MIN_BAD_TO_STOP`` were). ``take()`` returns the skips since the last call (the
+    loader puts them in each batch as ``data_skipped``).
+    """
+
+    def __init__(self, max_fraction: float = 0.1):
+        if not 0.0 <= max_fraction <= 1.0:
+            raise UsageError(f"data.max_bad_fraction must be in [0, 1], got {max_fraction}")
+        self.max_fraction = max_fraction
+        self.samples = self.skipped = self._pending = 0
+        self._logged: set[tuple[str, str]] = set()
+
+    def read(self) -> None:
+        self.samples += 1
+
+    def take(self) -> int:
+        n, self._pending = self._pending, 0
+        return n
+
+    def __call__(self, url: str, key: str | None, reason: str) -> None:
+        self.skipped += 1
+        self._pending += 1
+        if key is None:                  # a broken tar stream: the sample it cut was never counted as read
+            self.samples += 1
+        kind = reason.split("(", 1)[0].strip()
+        if (url, kind) not in self._logged:
+            self._logged.add((url, kind))
+            warn_skip(url, key, f"{reason} [further samples of this shard with this fault are skipped and "
+                                "counted in data_skipped, not logged]")
+        seen = max(self.samples, 1)
+        if self.skipped >= MIN_BAD_TO_STOP and self.skipped > self.max_fraction * seen:
+            raise JobError(f"{self.skipped} of the {seen} samples read so far are unreadable (more than "
+                           f"data.max_bad_fraction={self.max_fraction:g}; last: shard {url}, {reason}); check the "
+                           "shards (abvid inspect SHARDS), rerun preprocess on the damaged ones, or raise "
+                           "data.max_bad_fraction")
+
+
 def _check_url(url: str, allow_pipe: bool) -> None:
     if url.startswith("pipe:") and not allow_pipe:
-        raise ValueError(f"shard '{url}' is a pipe: URL, which runs a shell command; "
+        raise ShardSpecError(f"shard '{url}' is a pipe: URL, which runs a shell command; "
                          "enable it explicitly with allow_pipe=True (data.allow_pipe=true) if you trust the list")
     if "://" in url and not url.startswith(URL_SCHEMES) and not url.startswith(("pipe:", "file://")):
-        raise ValueError(f"shard '{url}': unsupported URL scheme; use http(s)://, a local path, or "
+        raise ShardSpecError(f"shard '{url}': unsupported URL scheme; use http(s)://, a local path, or "
                          "'pipe:<command writing the tar to stdout>' with allow_pipe=True (e.g. pipe:aws s3 cp URL -)")
 
 
 def expand_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[str]:
-    """Shard spec(s) -> list of shard URLs/paths, in the given order; raises ValueError naming the bad spec."""
+    """Shard spec(s) -> list of shard URLs/paths, in the given order; raises ShardSpecError naming the bad spec."""
     items = [spec] if isinstance(spec, str) else list(spec)
     parts = [p for item in items for p in str(item).split("::") if p.strip()]
     if not parts:
-        raise ValueError("no shards given: set data.shards to a .tar path, a folder, a brace pattern or a URL")
+        raise ShardSpecError("no shards given: set data.shards to a .tar path, a folder, a brace pattern or a URL")
     urls: list[str] = []
     for part in parts:
         part = part.strip()
@@ -87,18 +146,18 @@ def expand_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[s
             if os.path.isdir(path):
                 found = sorted(str(p) for p in Path(path).glob(f"*{SHARD_SUFFIX}"))
                 if not found:
-                    raise ValueError(f"shard folder {path} holds no *{SHARD_SUFFIX} files "
+                    raise ShardSpecError(f"shard folder {path} holds no *{SHARD_SUFFIX} files "
                                      "(did preprocessing finish? .tar.tmp files are incomplete shards)")
                 urls.extend(found)
             elif glob.has_magic(path):
                 found = sorted(p for p in glob.glob(path) if p.endswith(SHARD_SUFFIX))
                 if not found:
-                    raise ValueError(f"shard pattern {path} matches no {SHARD_SUFFIX} files")
+                    raise ShardSpecError(f"shard pattern {path} matches no {SHARD_SUFFIX} files")
                 urls.extend(found)
             elif os.path.isfile(path):
                 urls.append(path)
             else:
-                raise ValueError(f"shard {path} (from spec '{part}') does not exist; check the path or pattern")
+                raise ShardSpecError(f"shard {path} (from spec '{part}') does not exist; check the path or pattern")
     return urls
 
 
@@ -106,10 +165,11 @@ def check_split(num_shards: int, world_size: int, num_workers: int) -> None:
     """One-pass (and epoch) mode gives each shard to one (rank, worker): every one must get at least one."""
     need = world_size * max(num_workers, 1)
     if num_shards < need:
-        raise ValueError(
+        raise UsageError(
             f"{num_shards} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} worker(s) = {need} readers: "
             "some readers would get no shard (in DDP that hangs the job). Use fewer workers "
-            f"(data.workers <= {max(num_shards // world_size, 0)}), write more, smaller shards, or use resampled mode")
+            f"(data.workers <= {max(num_shards // world_size, 0)}), write more, smaller shards (abvid preprocess "
+            "--shard-clips N), or use resampled mode (data.resampled=true)")
 
 
 def epoch_shards(urls: Sequence[str], *, epoch: int, seed: int, rank: int, world_size: int, worker: int,
@@ -160,12 +220,15 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{head}/{stem}" if head else stem), suffix
 
 
-def tar_members(allow_pipe: bool = False, strict: bool = False) -> Stage:
+def tar_members(allow_pipe: bool = False, strict: bool = False, on_skip: SkipPolicy | None = None) -> Stage:
     """Stage: shard URLs (as ``{"url": ...}`` dicts or plain strings) -> regular tar members, in order.
 
-    A broken or truncated tar stream warns and skips the rest of that shard (training keeps going);
-    ``strict=True`` raises ``tarfile.ReadError`` instead (embedding reports the shard as failed).
+    A broken or truncated tar stream is reported to ``on_skip`` (default: a warning) and the rest of
+    that shard skipped (training keeps going); ``strict=True`` raises ``tarfile.ReadError`` instead
+    (embedding reports the shard as failed).
     """
+    skip = on_skip or warn_skip
+
     def stage(urls: Iterable) -> Iterator[dict]:
         for item in urls:
             url = item["url"] if isinstance(item, dict) else str(item)
@@ -188,7 +251,7 @@ def tar_members(allow_pipe: bool = False, strict: bool = False) -> Stage:
                 after = f"after member {last}" if last else "at the start"
                 if strict:
                     raise tarfile.ReadError(f"{url}: tar stream broken {after} ({type(e).__name__}: {e})") from e
-                warn_skip(url, None, f"tar stream broken {after} ({type(e).__name__}: {e}); rest of the shard skipped")
+                skip(url, None, f"tar stream broken {after} ({type(e).__name__}: {e}); rest of the shard skipped")
     return stage
 
 

@@ -74,3 +74,22 @@ def test_rng_capture_restore_roundtrip(tmp_path):
     restore_rng(load_checkpoint(p)["rng"])                     # through torch.save/load(weights_only)
     got = (random.random(), np.random.rand(), torch.rand(2))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_checkpoints_carry_a_format_version_and_other_formats_stop_the_resume(tmp_path):
+    from abvid.model.io import CHECKPOINT_FORMAT
+    from abvid.train.checkpoint import IncompatibleCheckpointError
+    p = save_checkpoint(_state(1), tmp_path, 1)
+    assert load_checkpoint(p)["format_version"] == CHECKPOINT_FORMAT
+    torch.save({**_state(2), "format_version": CHECKPOINT_FORMAT + 1}, ckpt_path(tmp_path, 2))
+    # a newer format is not damage: no fallback to ckpt 1, an error saying what to do
+    with pytest.raises(IncompatibleCheckpointError, match=r"ckpt-00000002.pt.*newer abvid.*upgrade.*--no-resume"):
+        load_latest(tmp_path)
+    ckpt_path(tmp_path, 2).unlink()
+    torch.save({"weights": torch.zeros(2)}, ckpt_path(tmp_path, 3))          # a foreign dict
+    with pytest.raises(IncompatibleCheckpointError, match="not an abvid checkpoint"):
+        load_latest(tmp_path)
+    ckpt_path(tmp_path, 3).unlink()
+    legacy = _state(4)                                                        # format 0: no version key
+    torch.save(legacy, ckpt_path(tmp_path, 4))
+    assert load_latest(tmp_path)[0]["step"] == 4

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from abvid.pipeline.errors import UsageError
 from abvid.train import dist
 
 TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -42,7 +43,7 @@ def test_pick_device():
     assert dist.pick_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         assert dist.pick_device("auto").type == "cpu"
-        with pytest.raises(RuntimeError, match="train.device=cpu"):
+        with pytest.raises(UsageError, match="train.device=cpu"):
             dist.pick_device("cuda")
 
 

@@ -104,3 +104,16 @@ def test_a_clip_with_a_corrupt_frame_is_left_off_the_sheet(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "ok"), "--out", str(out), "--clips", "2"]) == 0
     with Image.open(out) as im:
         assert im.size[1] > one_block
+
+
+def test_inspect_warns_about_small_frames_and_fewer_clips_than_a_batch(tmp_path, capsys):
+    """85x64 frames under 224 px views, 6 clips for a batch of 64: both said, the job still succeeds."""
+    write_test_shards(tmp_path / "shards", videos=3, clips_per_video=2, clip_len=4, width=85, height=64)
+    assert main(["inspect", str(tmp_path / "shards")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: frames as small as 64 px" in err and "data.global_size=224" in err
+    assert "warning: only 6 clips for a batch of train.batch_size=64" in err
+    # settings that fit: no warning
+    assert main(["inspect", str(tmp_path / "shards"), "--set", "data.global_size=64", "--set", "data.local_size=32",
+                 "--set", "train.batch_size=4"]) == 0
+    assert "warning" not in capsys.readouterr().err

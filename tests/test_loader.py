@@ -261,3 +261,27 @@ def test_view_decode_render_stages_alone(test_shards):
     out = list(render_views(vs, apply_aug=True)(iter(decoded)))
     assert out[0]["global"].shape == (2, 3, 32, 32) and out[0]["local"].shape == (4, 3, 16, 16)
     assert out[0]["clip_id"] == clip_id(out[0]["key"])
+
+
+def test_resume_is_exact_over_bad_samples_and_batches_count_them(tmp_path):
+    """Skipped samples count as consumed: a resumed stream continues exactly, over shards with bad clips."""
+    shards = write_test_shards(tmp_path / "s", videos=3, clips_per_video=2, shard_clips=2)
+    meta = {"pts_s": [0.0], "width": 96, "height": 64, "annotations": []}
+    with wds.TarWriter(str(tmp_path / "s" / "shard-000009.tar")) as w:
+        w.write({"__key__": "badjpeg-000000", "json": json.dumps(meta).encode(), "000.jpg": b"not a jpeg"})
+        w.write({"__key__": "nopts-000000", "json": json.dumps({"width": 96}).encode(),
+                 "000.jpg": shards[0].read_bytes()[:10]})
+    cfg = _cfg(tmp_path / "s", workers=0, resampled=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleSkipped)
+        full = _take(build_loader(cfg, batch_size=2), 8)
+        loader = build_loader(cfg, batch_size=2)
+        it = iter(loader)
+        head = [next(it) for _ in range(3)]
+        state = loader.state_dict()
+        again = build_loader(cfg, batch_size=2)
+        again.load_state_dict(state)
+        tail = _take(again, 5)
+    assert [b["key"] for b in head + tail] == [b["key"] for b in full]
+    assert all(torch.equal(a["global"], b["global"]) for a, b in zip(head + tail, full))
+    assert sum(b["data_skipped"] for b in full) >= 2 * 2          # both bad clips, in each of 2+ epochs (6 good)

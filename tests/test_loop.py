@@ -274,3 +274,11 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path):
     assert "--no-resume" in str(e.value)
     s = run_fake(str(tmp_path), steps=8, log_every=2)     # steps and log_every are safe to change
     assert s["start_step"] == 4 and s["step"] == 8
+
+
+def test_config_keys_added_after_a_run_started_do_not_block_its_resume():
+    from abvid.train.loop import config_diff
+    old = {"train": {"lr": 0.1}, "data": {"seed": 0}}
+    new = {"train": {"lr": 0.1, "new_key": 3}, "data": {"seed": 0, "max_bad_fraction": 0.1}, "model": {"x": 1}}
+    assert config_diff(old, new) == []
+    assert config_diff(old, {"train": {"lr": 0.2}, "data": {"seed": 0}}) == ["train.lr: 0.1 -> 0.2"]

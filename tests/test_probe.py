@@ -123,3 +123,65 @@ def test_cli_probe_table_and_errors(tmp_path, capsys):
     (tmp_path / "other.csv").write_text("video,start_s,end_s,label\nzzz.mp4,0,1,a\n")
     assert main(["probe", "--embeddings", str(d), "--labels", str(tmp_path / "other.csv")]) == 2
     assert "video" in capsys.readouterr().err
+
+
+def write_video_labels(d: Path, labels: dict[int, str]) -> Path:
+    """The whole-video shorthand: video,label (one row per video)."""
+    p = d / "video_labels.csv"
+    p.write_text("video,label\n" + "".join(f"v{v:02d}.mp4,{lab}\n" for v, lab in labels.items()))
+    return p
+
+
+def test_whole_video_label_shorthand_equals_segments_covering_each_video(tmp_path):
+    d = write_embedding_dir(tmp_path / "emb")
+    short = write_video_labels(d, {v: f"c{v % 3}" for v in range(12)})
+    a = run_probe(d, d / "labels.csv", methods=("knn",), test_fraction=0.34, seed=1)
+    b = run_probe(d, short, methods=("knn",), test_fraction=0.34, seed=1)
+    assert a == b and a[0].score > 0.97
+    (d / "vl.jsonl").write_text("".join(json.dumps({"video": f"v{v:02d}", "label": f"c{v % 3}"}) + "\n"
+                                        for v in range(12)))
+    assert run_probe(d, d / "vl.jsonl", methods=("knn",), test_fraction=0.34, seed=1) == a
+    (d / "bad.csv").write_text("video,label\nv00.mp4,\n")
+    with pytest.raises(ProbeError, match=r"bad.csv:2: .*non-empty 'video' and 'label'"):
+        run_probe(d, d / "bad.csv")
+
+
+def test_split_is_stratified_by_main_label():
+    vids = [f"v{i}" for i in range(12) for _ in range(3)]
+    strata = {f"v{i}": ("rare" if i < 2 else "common") for i in range(12)}
+    for seed in range(6):
+        test = split_by_video(vids, 0.3, seed, strata)
+        test_v = {v for v, t in zip(vids, test) if t}
+        assert len(test_v & {"v0", "v1"}) == 1               # the rare class is on both sides, every time
+        assert len(test_v) == 1 + round(0.3 * 10)
+    with pytest.raises(ProbeError, match="one video only"):
+        split_by_video(["a", "b"], 0.5, 0, {"a": "x", "b": "y"})
+
+
+def test_test_classes_absent_from_training_warn_and_refuse(tmp_path, capsys):
+    from abvid.train.probe import ProbeWarning, _unseen_test_classes, main_labels
+    d = write_embedding_dir(tmp_path / "emb", videos=12, classes=3)
+    # one label per video: every class has one video, so no by-video split can test a trained class
+    with pytest.raises(ProbeError, match="one video only"):
+        run_probe(d, write_video_labels(d, {v: f"only{v}" for v in range(12)}))
+    # a second label carried by one test video only: warned, named, left out of the mAP
+    vids = [f"v{v:02d}_0123abcd" for v in range(12)]
+    strata = main_labels(vids, [[f"c{v % 3}"] for v in range(12)])
+    test = split_by_video(vids, 0.3, 0, strata)
+    lonely = int(np.flatnonzero(test)[0])
+    multi = d / "multi.csv"
+    multi.write_text("video,label\n" + "".join(f"v{v:02d}.mp4,c{v % 3}\n" for v in range(12))
+                     + f"v{lonely:02d}.mp4,extra\n")
+    with pytest.warns(ProbeWarning, match=r"1 test class.*left out of the score: extra"):
+        res = run_probe(d, multi, methods=("knn",), test_fraction=0.3, seed=0)
+    assert res[0].metric == "mAP" and res[0].score > 0.9
+    assert json.loads((d / "probe.json").read_text())["unseen_test_classes"] == ["extra"]
+    from abvid.tools.cli import main
+    assert main(["probe", "--embeddings", str(d), "--labels", str(multi), "--method", "knn",
+                 "--test-fraction", "0.3"]) == 0
+    assert "abvid probe: warning: 1 test class(es) never occur in the training videos" in capsys.readouterr().err
+    # the refusal itself: test classes, none of them in training
+    y = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ProbeError, match="no class of the test videos occurs in the training videos"):
+        _unseen_test_classes(y, torch.tensor([True, True, False, False]), torch.tensor([False, False, True, True]),
+                             ["a", "b"], multilabel=False)

@@ -167,3 +167,35 @@ def test_http_shards_read_through_webdataset(test_shards):
     finally:
         server.shutdown()
     assert len(urls) == 3 and sorted(keys) == sorted(f"vid{v:03d}_deadbeef-{c:06d}" for v in range(4) for c in range(3))
+
+
+def test_skiplog_counts_logs_once_per_shard_and_fault_and_stops_past_the_fraction():
+    from abvid.pipeline.errors import JobError
+    from abvid.pipeline.source import MIN_BAD_TO_STOP, SkipLog
+    log = SkipLog(max_fraction=0.2)
+    for _ in range(100):
+        log.read()
+    with pytest.warns(SampleSkipped) as rec:
+        for i in range(5):
+            log("a.tar", f"k{i}", f"frame does not decode (RuntimeError: {i})")   # one message for all five
+        log("a.tar", "k9", "bad clip metadata (KeyError: 'pts_s')")               # another fault: its own line
+        log("b.tar", "k0", "frame does not decode (RuntimeError: x)")             # another shard: its own line
+    assert [str(r.message).split(":")[0] for r in rec] == ["skipping shard a.tar, key k0"] * 1 + [
+        "skipping shard a.tar, key k9", "skipping shard b.tar, key k0"]
+    assert log.take() == 7 and log.take() == 0 and log.skipped == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleSkipped)
+        for i in range(13):                     # 20 of 100: not more than the fraction
+            log("c.tar", None, "tar stream broken")
+        assert log.samples == 113 and log.skipped == 20
+        with pytest.raises(JobError, match=r"23 of the 113 samples .*data.max_bad_fraction=0.2.*abvid inspect"):
+            for _ in range(3):
+                log("c.tar", "k", "bad clip metadata (KeyError)")
+    # a few bad samples among the first read do not stop a run
+    early = SkipLog(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleSkipped)
+        for _ in range(MIN_BAD_TO_STOP - 1):
+            early("a.tar", "k", "frame does not decode")
+    with pytest.raises(Exception, match="max_bad_fraction must be in"):
+        SkipLog(1.5)

@@ -77,7 +77,7 @@ def test_encoder_kwargs_round_trip():
     cfg = ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2)
     kw = encoder_kwargs(cfg)
     assert kw == {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "drop_path": 0.0,
-                  "embed_dim": 32, "depth": 2, "num_heads": 2}
+                  "embed_dim": 32, "depth": 2, "num_heads": 2, "norm_eps": 1e-6}
     a, b = build_encoder(**kw), build_encoder(**kw)
     b.load_state_dict(a.state_dict())                          # same architecture, strict load
     assert "mean" not in a.state_dict()                        # normalisation constants are not state

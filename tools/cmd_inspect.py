@@ -12,6 +12,17 @@ contact sheet: for --clips clips (seeded pick, different videos first) the frame
 in time order with the views of pipeline.views.ViewSampler drawn as boxes, and
 the views rendered as the model gets them. The sampler has the default data.*
 settings, or those of a pre-training config given with --config / --set.
+
+Warnings (on stderr, the job still succeeds) where training on these shards with
+that config would quietly do something else than it seems: frames whose short side
+is smaller than data.global_size or data.local_size (every such view is upscaled
+from fewer pixels), and a corpus with fewer clips than train.batch_size (the
+endless training stream repeats clips within a batch, so SimCLR-style negatives
+include copies of the positive's clip).
+
+Exit codes: 0 done (also with warnings); 2 usage error (no shards found, bad
+config key); 3 no clip of the shards could be drawn (every chosen clip corrupt),
+or an unexpected error (a bug; the message names a log file).
 """
 from __future__ import annotations
 
@@ -26,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abvid.tools.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from abvid.tools.cli import EXIT_FAILED, EXIT_OK
 
 
 @dataclass
@@ -180,38 +191,55 @@ def read_manifest(specs: list[str]) -> Counter | None:
     return counts
 
 
+def corpus_warnings(st: ShardStats, global_size: int, local_size: int, batch_size: int) -> list[str]:
+    """What a training run on these shards would quietly do that a user should know about."""
+    out = []
+    if st.sizes:
+        short = min(min(w, h) for w, h in st.sizes)
+        small = sum(n for (w, h), n in st.sizes.items() if min(w, h) < global_size)
+        if short < global_size or short < local_size:
+            out.append(f"frames as small as {short} px (short side; {small} of {st.clips} clips below "
+                       f"data.global_size={global_size}) are smaller than the views drawn from them: every global view "
+                       f"is upscaled from at most {short} px. Preprocess with --size >= {global_size}, or lower "
+                       "data.global_size / data.local_size")
+    if 0 < st.clips < batch_size:
+        out.append(f"only {st.clips} clips for a batch of train.batch_size={batch_size}: the training stream repeats "
+                   "clips within a batch (false negatives for SimCLR-style objectives); use more clips "
+                   "(shorter --clip-len at preprocessing) or a smaller batch")
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("shards", nargs="+", metavar="SHARDS", help="shard files, folders, globs or brace patterns")
-    p.add_argument("--out", default=None, metavar="PNG", help="write a contact sheet to this PNG")
+    p.add_argument("--out", default=None, metavar="PNG", help="write a contact sheet to this PNG (default: none)")
     p.add_argument("--clips", type=int, default=4, help="clips on the contact sheet")
     p.add_argument("--frames", type=int, default=8, help="frames shown per clip (at least those the views use)")
     p.add_argument("--thumb", type=int, default=96, help="thumbnail height in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the clip pick and of the view sampler")
     p.add_argument("--config", default=None, metavar="CONFIG.yaml",
-                   help="draw views with this pre-training config's data.* view settings (default: the defaults)")
+                   help="draw views and check sizes with this pre-training config's data.* and train.batch_size "
+                        "(default: the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. data.n_local=6 (repeatable)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from abvid.pipeline.config import load_config
     from abvid.pipeline.source import expand_shards
+    from abvid.train.config import PretrainConfig
 
-    try:
-        urls = expand_shards(args.shards)
-    except ValueError as e:
-        print(f"abvid inspect: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    sampler = None
-    if args.out:   # read the config first: a bad key fails before the scan (ConfigError -> exit 2 in cli.py)
-        from abvid.pipeline.config import load_config
-        from abvid.train.config import PretrainConfig
-        sampler = load_config(PretrainConfig, args.config, args.overrides).data.view_sampler()
+    urls = expand_shards(args.shards)          # ShardSpecError (a UsageError): exit 2, naming the spec
+    # read the config first: a bad key fails before the scan (ConfigError -> exit 2 in cli.py)
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    sampler = cfg.data.view_sampler()
     stats, clips = scan(urls)
     print(format_stats(stats, read_manifest(args.shards)))
+    for msg in corpus_warnings(stats, cfg.data.global_size, cfg.data.local_size, cfg.train.batch_size):
+        print(f"abvid inspect: warning: {msg}", file=sys.stderr)
     if args.out:
         if not clips:
             print("abvid inspect: no readable clip to draw", file=sys.stderr)
-            return EXIT_USAGE
+            return EXIT_FAILED
         from abvid.tools.contact_sheet import draw_sheet
         chosen = read_clips(pick_clips(clips, args.clips, args.seed))
         title = (f"abvid inspect: {len(chosen)} of {stats.clips} clips, {len(stats.span)} videos, "

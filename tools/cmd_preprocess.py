@@ -73,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CSV/JSONL with video,start_s,end_s,label|text; rows overlapping a clip go in its JSON")
     g = p.add_argument_group("shards").add_mutually_exclusive_group()
     g.add_argument("--shard-clips", type=int, default=0,
-                   help="close a shard once it holds this many clips (0 = no clip limit: --shard-bytes decides)")
+                   help="close a shard once it holds this many clips; 0 = no clip limit (shards then close at "
+                        "--shard-bytes). Small shards give one-pass readers (data.resampled=false) enough shards")
     g.add_argument("--shard-bytes", type=_size, default=256_000_000,
                    help="close a shard once it holds this many bytes (e.g. 256MB, 1GB); ignored with --shard-clips")
     g = p.add_argument_group("running")

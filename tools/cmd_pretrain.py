@@ -10,25 +10,38 @@ Examples:
 
 The YAML file holds overrides of the defaults (abvid.train.config); --set a.b=v
 overrides the file. The resolved config goes to RUN_DIR/config.yaml, checkpoints
-to RUN_DIR/checkpoints/, metrics to RUN_DIR/metrics.jsonl and the log to
-RUN_DIR/train.log. Rerunning the same command resumes from the newest readable
-checkpoint (--no-resume moves old checkpoints aside and starts over).
-train.steps=0 writes an untrained checkpoint (a baseline to probe). On shared
-file systems use the same --out on every node; rank 0 writes, every rank reads.
+to RUN_DIR/checkpoints/, metrics to RUN_DIR/metrics.jsonl, the log to
+RUN_DIR/train.log and, with TensorBoard installed (pip install 'abvid[tb]'),
+scalars and a contact sheet of the first batch to RUN_DIR/tb. Without --out the run
+folder is runs/<config file name> (runs/pretrain without a config file), so
+rerunning the same command resumes from the newest readable checkpoint
+(--no-resume moves old checkpoints aside and starts over). A resume with a config
+that differs in keys that change what is learned is refused, naming them.
+train.steps=0 writes an untrained checkpoint (a baseline to probe);
+model.init_from=PATH starts from exported abvid or timm ViT weights. Unreadable
+training data (truncated shards, frames that are not images, clip JSON missing a
+field) is skipped, logged once per shard and counted as data_skipped in the
+metrics; more than data.max_bad_fraction of the samples read stops the run.
+On shared file systems use the same --out on every node; rank 0 writes, every
+rank reads.
 
-Exit codes: 0 done; 2 config / usage error; 3 training failed (diverged:
-train.max_bad_steps non-finite steps in a row); 128+N stopped by signal N
-(SIGTERM 143, SIGINT 130) after saving a checkpoint: rerun to resume.
+Exit codes: 0 done; 2 config / usage error (unknown key, bad value, no shards,
+--out a file, train.device=cuda without a GPU, a checkpoint of another run or
+format); 3 training failed (diverged: train.max_bad_steps non-finite steps in a
+row; too much unreadable data; an unexpected error, whose traceback goes to a log
+file); 128+N stopped by signal N (SIGTERM 143, SIGINT 130) after saving a
+checkpoint: rerun to resume.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
-from abvid.tools.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from abvid.pipeline.errors import UsageError
+from abvid.tools.cli import EXIT_FAILED, EXIT_OK
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,9 +50,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--out", metavar="RUN_DIR", default=None,
-                   help="run folder (default runs/<config name>-<date>); reuse it to resume")
+                   help="run folder (default: runs/<config file name>); rerun with the same folder to resume")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in RUN_DIR and start over")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_folder(out: str | None, config: str | None) -> Path:
+    """--out, or runs/<config stem>: the same command always names the same folder, so a rerun resumes."""
+    run_dir = Path(out) if out else Path("runs") / (Path(config).stem if config else "pretrain")
+    for p in [run_dir, *run_dir.parents]:
+        if p.exists() and not p.is_dir():
+            what = "--out" if out else "the default run folder"
+            raise UsageError(f"{what} {run_dir}: {p} is a file, not a folder; pass --out with a folder "
+                             "(a new one to start, an earlier run's to resume)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {run_dir}: cannot create the run folder ({e.strerror}); pass a writable folder") from e
+    return run_dir
+
+
+def tensorboard_first_batch(run_dir: Path) -> Callable[[dict], None]:
+    """A hook that draws the first batch (every view, as the model gets it) into RUN_DIR/tb."""
+    def hook(batch: dict) -> None:
+        import logging
+
+        import numpy as np
+
+        from abvid.tools.contact_sheet import batch_sheet
+        from abvid.train.metrics import write_tb_image
+        try:
+            write_tb_image(run_dir, "data/first_batch", np.asarray(batch_sheet(batch)))
+        except Exception as e:  # noqa: BLE001 -- a picture must never stop training
+            logging.getLogger("abvid.train").warning("first-batch contact sheet not written: %s: %s",
+                                                     type(e).__name__, e)
+    return hook
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,17 +107,19 @@ def main(args: argparse.Namespace) -> int:
         expand_shards(cfg.data.shards, allow_pipe=cfg.data.allow_pipe)
     except ValueError as e:
         raise ConfigError(f"data.shards: {e}") from None
-    run_dir = Path(args.out) if args.out else \
-        Path("runs") / f"{Path(args.config).stem if args.config else 'pretrain'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"model.init_from={cfg.model.init_from}: no such file; pass an `abvid export` file, a timm "
+                          "ViT state dict (.safetensors / .pth) or a training checkpoint")
+    from abvid.train.dist import pick_device
+    pick_device(cfg.train.device)       # train.device=cuda without a GPU: a usage error before anything starts
+    run_dir = run_folder(args.out, args.config)
+    if not args.out:
+        print(f"abvid pretrain: run folder {run_dir} (no --out given; rerun the same command to resume)",
+              file=sys.stderr)
 
-    from abvid.train.checkpoint import CheckpointError
     from abvid.train.pretrain import pretrain
 
-    try:
-        summary = pretrain(cfg, run_dir, resume=not args.no_resume)
-    except CheckpointError as e:
-        print(f"abvid pretrain: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    summary = pretrain(cfg, run_dir, resume=not args.no_resume, on_first_batch=tensorboard_first_batch(run_dir))
     import torch.distributed as tdist
     rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
     if rank == 0:

@@ -12,12 +12,17 @@ Used by ``abvid inspect --out sheet.png``. One block per clip:
 Views come from a ``pipeline.views.ViewSampler`` (default settings unless the caller
 passes one built from a training config) and a seeded generator per clip, so a sheet
 is reproducible. Drawing uses PIL only.
+
+``batch_sheet(batch)`` draws a loader batch instead (one row per clip: its global and
+local views as the model gets them, with their dt): ``abvid pretrain`` writes the first
+batch's sheet to TensorBoard.
 """
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from abvid.pipeline.loader import clip_id
@@ -148,4 +153,35 @@ def draw_sheet(clips: list[tuple[str, dict, dict[int, tuple[str, bytes]]]], *, t
     d.text((PAD, y + 4), "time runs left to right -> ; boxes: views drawn by pipeline.views.ViewSampler "
                          f"(seed {seed}); G = global, L = local; dt = frames from view G0",
            fill=DIM, font=_font(12))
+    return sheet
+
+
+def batch_sheet(batch: dict, max_clips: int = 8, cell: int = 96) -> Image.Image:
+    """A loader batch (docs/INTERFACES.md) -> one row per clip of its views at ``cell`` px, labelled G/L and dt."""
+    g = batch["global"][:max_clips].detach().cpu()                      # (B, ng, 3, G, G) uint8
+    loc = batch.get("local")
+    loc = loc[:max_clips].detach().cpu() if loc is not None else g[:, :0]
+    ng, n = g.shape[1], g.shape[1] + loc.shape[1]
+    frame_idx = batch["frame_idx"][:max_clips].cpu().numpy()
+    keys = list(batch.get("key") or [])
+    small, label_h = _font(11), 16
+    row_h = label_h + cell + label_h
+    width = max(PAD + n * (cell + PAD), 400)
+    sheet = Image.new("RGB", (width, 24 + row_h * g.shape[0]), BG)
+    d = ImageDraw.Draw(sheet)
+    d.text((PAD, 4), f"first batch: {g.shape[0]} of {batch['global'].shape[0]} clips; {ng} global "
+                     f"{g.shape[-1]}px + {loc.shape[1]} local {loc.shape[-1]}px views; dt = frames from G0",
+           fill=FG, font=_font(13))
+    for b in range(g.shape[0]):
+        y = 24 + b * row_h
+        d.text((PAD, y + 2), keys[b] if b < len(keys) else f"clip {b}", fill=DIM, font=small)
+        views = list(g[b]) + list(loc[b])
+        for i, v in enumerate(views):
+            x = PAD + i * (cell + PAD)
+            img = Image.fromarray(v.to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
+            sheet.paste(img.resize((cell, cell), Image.Resampling.BILINEAR), (x, y + label_h))
+            c = view_colour(i, ng)
+            d.rectangle((x, y + label_h, x + cell - 1, y + label_h + cell - 1), outline=c, width=2)
+            dt = int(frame_idx[b, i] - frame_idx[b, 0])
+            d.text((x, y + label_h + cell + 2), f"{view_name(i, ng)} dt={dt:+d}", fill=DIM, font=small)
     return sheet

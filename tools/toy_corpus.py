@@ -45,6 +45,9 @@ Why the shapes look the way they do:
     solve its task from the background and has to look at the objects.
 Rendering is vectorised numpy on each object's bounding box; x264 runs single-threaded
 without mbtree, with fixed settings, so the bytes are reproducible.
+
+Exit codes: 0 written; 2 usage error (a bad --size, --fps, --seconds or --videos);
+3 OUT cannot be written, or an unexpected error (a bug; the message names a log file).
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ The dict (docs/INTERFACES.md):
      "optimizer": ..., "scaler": None, "step": int, "epoch": int,
      "loader_state": {"world_size": W, "ranks": [StatefulDataLoader.state_dict() per rank]} | None,
      "rng": {"world_size": W, "ranks": [capture_rng() per rank]},
-     "config": to_dict(PretrainConfig), "encoder_kwargs": {...}}
+     "config": to_dict(PretrainConfig), "encoder_kwargs": {...},
+     "format_version": CHECKPOINT_FORMAT}   # added by save_checkpoint (model/io.py defines it)
 
 Loader and RNG states are stored per rank (gathered to rank 0) because every
 rank reads different data and draws different random numbers; a resume with
@@ -20,6 +21,10 @@ crash at any moment leaves either the old or the new file, never half of one.
 Reading: ``torch.load(..., weights_only=True)`` always (no arbitrary code from a
 checkpoint file); a newest file that fails to load (truncated copy, disk full
 on a filesystem without atomic rename) gives a warning and the previous one.
+A checkpoint of a format version this abvid does not read (model/io.py
+``checkpoint_format``: newer, too old, or no abvid checkpoint at all) is not
+damage: it stops the resume with what to do, instead of falling back to an
+older file that would fail the same way.
 """
 from __future__ import annotations
 
@@ -33,17 +38,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from abvid.model.io import CHECKPOINT_FORMAT, CheckpointFormatError, checkpoint_format
+from abvid.pipeline.errors import UsageError
+
 log = logging.getLogger("abvid.train")
 
 CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint: unreadable, truncated, or not a training checkpoint."""
+class CheckpointError(UsageError, RuntimeError):
+    """No usable checkpoint: unreadable, truncated, not a training checkpoint, or another run's (exit 2)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
     """A well-formed checkpoint holding a type ``torch.load(weights_only=True)`` refuses (a bug, not damage)."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A readable checkpoint of another format version, or a dict that is no abvid checkpoint."""
 
 
 def ckpt_path(ckpt_dir: str | Path, step: int) -> Path:
@@ -78,6 +90,7 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_path(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
+    state = {**state, "format_version": CHECKPOINT_FORMAT}
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -101,8 +114,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"type, e.g. a numpy array in the loader state). Store plain Python/tensor values instead. ({e})"
             ) from e
         raise CheckpointError(f"{path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path} is not an abvid training checkpoint (a dict with 'step', 'model', ...)")
+    try:
+        checkpoint_format(state, path, needs=("step",))
+    except CheckpointFormatError as e:
+        raise IncompatibleCheckpointError(f"{e} (to resume: move it out of the checkpoints folder, or start "
+                                          "over with --no-resume)") from e
     return state
 
 
@@ -113,7 +129,7 @@ def load_latest(ckpt_dir: str | Path, map_location: str | torch.device = "cpu") 
         try:
             return load_checkpoint(path, map_location), path
         except CheckpointError as e:
-            if isinstance(e, UnsafeCheckpointError):
+            if isinstance(e, (UnsafeCheckpointError, IncompatibleCheckpointError)):
                 raise  # not corruption: an older file would fail the same way
             log.warning("skipping checkpoint %s: %s; trying the previous one", path, e)
     if paths:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from abvid.pipeline.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -51,14 +53,15 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
+            raise UsageError("train.device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False); "
+                             "use --set train.device=cpu or auto, or check the driver / CUDA_VISIBLE_DEVICES")
         n = torch.cuda.device_count()
         if local_rank >= n:
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {n} CUDA devices are visible; "
+            raise UsageError(f"LOCAL_RANK={local_rank} but only {n} CUDA devices are visible; "
                                f"start at most {n} processes per node (torchrun --nproc-per-node {n})")
         return torch.device("cuda", local_rank)
     if pref != "auto":
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {pref!r}")
+        raise UsageError(f"train.device must be auto, cpu or cuda, got {pref!r}")
     return torch.device("cpu")
 
 

@@ -123,9 +123,15 @@ SAFE_TO_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.k
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config trees, as 'key: old -> new'."""
+    """Dotted keys whose values differ between two config trees, as 'key: old -> new'.
+
+    A key the old tree lacks is a setting added to abvid after that run started: the run used its
+    behaviour before it existed, which new keys keep as their default, so it is not a difference.
+    """
     out = []
     for k in sorted(set(old) | set(new)):
+        if k not in old:
+            continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_diff(a, b, f"{prefix}{k}.")
@@ -311,7 +317,7 @@ class _Bookkeeping:
     def __init__(self, writer: MetricsWriter, ctx: dist.DistContext, tc: Any, step: int):
         self.writer, self.ctx, self.tc = writer, ctx, tc
         self.meter, self.shown = IntervalMeter(), step
-        self.bad_in_row = self.total_bad = 0
+        self.bad_in_row = self.total_bad = self.data_skipped = 0   # data_skipped: this rank's unreadable samples
         self.last_row: dict[str, Any] = {}
         self.last_ckpt: Path | None = None
 
@@ -337,7 +343,9 @@ class _Bookkeeping:
         """One metrics row for the steps since the last one (loss averaged over ranks), and the progress bar."""
         if self.meter.steps:
             s = self.meter.summary()
-            s["loss"] = float(dist.all_reduce_mean(self.ctx, torch.tensor(s["loss"], device=self.ctx.device)))
+            loss_v, skips_v = dist.all_reduce_mean(self.ctx, torch.tensor([s["loss"], float(self.data_skipped)],
+                                                                          device=self.ctx.device)).tolist()
+            s["loss"], s["data_skipped"] = loss_v, round(skips_v * self.ctx.world_size)   # skips summed over ranks
             self.last_row = {"step": step, "epoch": epoch, **s, "lr": hp.lr, "weight_decay": hp.weight_decay,
                              "momentum": hp.momentum, "teacher_temp": hp.teacher_temp}
             self.writer.write(self.last_row)
@@ -347,7 +355,8 @@ class _Bookkeeping:
 
     def summary(self) -> dict[str, Any]:
         return {"bad_steps": self.total_bad, "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
-                **{k: self.last_row[k] for k in ("views_per_s", "step_time_s", "data_wait_frac") if k in self.last_row}}
+                **{k: self.last_row[k] for k in ("views_per_s", "step_time_s", "data_wait_frac", "data_skipped")
+                   if k in self.last_row}}
 
 
 def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: dist.DistContext,
@@ -417,6 +426,7 @@ def train(objective: nn.Module, loader: Any, tc: Any, run_dir: str | Path, ctx: 
             while step < tc.steps:
                 t0 = time.perf_counter()
                 batch, epoch = feed.next()
+                books.data_skipped += int(batch.pop("data_skipped", 0))
                 views = count_views(batch) * ctx.world_size
                 data_s = time.perf_counter() - t0
                 hp = Hparams.at(step, tc, base_lr)

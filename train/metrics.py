@@ -9,7 +9,11 @@
   rows past the checkpoint's step are dropped, so the file always reads as one
   uninterrupted run.
 * ``RUN_DIR/train.log``: the human log (resume, checkpoints, warnings).
-* TensorBoard scalars in ``RUN_DIR/tb`` when ``tensorboard`` is installed.
+* TensorBoard (the ``tb`` extra: ``pip install 'abvid[tb]'``) in ``RUN_DIR/tb``: every
+  metrics row as scalars at its step (loss, objective metrics, schedules, throughput,
+  ``data_skipped``), and images written with :func:`write_tb_image` (``abvid pretrain``
+  draws the first batch: tools/contact_sheet.py ``batch_sheet``). Without tensorboard
+  the run says so once in the log and writes the rest.
 * a tqdm bar with loss and views/s on rank 0.
 
 Only rank 0 writes files; other ranks log warnings to stderr with their rank.
@@ -123,7 +127,7 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step)
             except ImportError:
-                log.info("tensorboard not installed; metrics go to %s only", self.path)
+                log.info("tensorboard not installed (pip install 'abvid[tb]'); metrics go to %s only", self.path)
         interactive = sys.stderr.isatty()
         self.bar = None if tqdm is None else tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                         dynamic_ncols=True, mininterval=0.5 if interactive else 30.0, file=sys.stderr,
@@ -164,6 +168,24 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
         self.file.close()
+
+
+def write_tb_image(run_dir: str | Path, tag: str, image: Any, step: int = 0) -> bool:
+    """Write one (H, W, 3) uint8 image to ``RUN_DIR/tb`` under ``tag``; False when tensorboard is missing.
+
+    A writer of its own (a second event file in the same folder; TensorBoard merges them), so the
+    caller needs no handle on the run's :class:`MetricsWriter`.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return False
+    writer = SummaryWriter(str(Path(run_dir) / "tb"))
+    try:
+        writer.add_image(tag, image, step, dataformats="HWC")
+    finally:
+        writer.close()
+    return True
 
 
 def read_metrics_tolerant(path: Path) -> list[dict]:

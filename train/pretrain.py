@@ -21,6 +21,7 @@ import torch
 
 from abvid.train import dist
 from abvid.train.loop import seed_everything, train
+from abvid.train.metrics import setup_logging
 
 log = logging.getLogger("abvid.train")
 
@@ -73,8 +74,38 @@ def corpus_texts(data_cfg: Any, max_shards: int = 256) -> list[str]:
     return sorted(texts)
 
 
-def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True) -> dict:
-    """Build loader and objective from a :class:`~abvid.train.config.PretrainConfig` and :func:`train` them."""
+def init_encoders(objective: torch.nn.Module, path: str) -> None:
+    """``model.init_from``: student and teacher (if any) encoders start from the ViT weights in ``path``."""
+    from abvid.model.io import init_encoder_from
+
+    what = init_encoder_from(objective.student_encoder, path)
+    teacher = getattr(objective, "teacher_encoder", None)
+    if teacher is not None:
+        teacher.load_state_dict(objective.student_encoder.state_dict())
+    log.info("model.init_from: encoder weights from %s", what)
+
+
+def first_batch_hook(inner: Callable[[dict], dict] | None, hook: Callable[[dict], None]) -> Callable[[dict], dict]:
+    """An ``on_device`` function that also hands the first batch (as the model gets it) to ``hook`` once."""
+    seen = []
+
+    def on_device(batch: dict) -> dict:
+        batch = inner(batch) if inner is not None else batch
+        if not seen:
+            seen.append(True)
+            hook(batch)
+        return batch
+    return on_device
+
+
+def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True,
+             on_first_batch: Callable[[dict], None] | None = None) -> dict:
+    """Build loader and objective from a :class:`~abvid.train.config.PretrainConfig` and :func:`train` them.
+
+    ``on_first_batch(batch)`` is called once, on rank 0, with the first batch on the device (the
+    CLI draws it into TensorBoard). ``model.init_from`` applies to a fresh run; a resumed run
+    loads its checkpoint over it.
+    """
     from abvid.model import encoder_kwargs
     from abvid.pipeline.loader import build_loader
     from abvid.pipeline.config import to_dict
@@ -100,11 +131,18 @@ def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True) -> dict:
             data_info["texts"] = corpus_texts(cfg.data)
         seed_everything(tc.seed)  # the same on every rank: identical student and teacher init
         objective = build_objective(cfg.objective, cfg.model, data_info)
+        if cfg.model.init_from:
+            if ctx.is_main:            # train() sets up the run's log again; this line must reach it already
+                Path(run_dir).mkdir(parents=True, exist_ok=True)
+            setup_logging(Path(run_dir) if ctx.is_main else None, ctx.rank)
+            init_encoders(objective, cfg.model.init_from)
         oc = cfg.objective     # bootstrapping's next actions A' go to fresh views the loader samples
         next_views = oc.num_next_actions if oc.bootstrap and oc.gamma > 0 else 0
         loader = build_loader(cfg.data, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                               next_views=next_views)
         on_device = device_transform(cfg.data, ctx.device)
+        if on_first_batch is not None and ctx.is_main:
+            on_device = first_batch_hook(on_device, on_first_batch)
         return train(objective, loader, tc, run_dir, ctx, to_dict(cfg), encoder_kwargs(cfg.model), resume,
                      on_device=on_device)
     finally:

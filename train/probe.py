@@ -1,17 +1,24 @@
 """Linear and k-NN probes of per-frame embeddings against labelled time segments.
 
 Reads what ``abvid embed`` writes (``embeddings.npy`` (N, D) + ``index.csv``
-with ``row,video_id,source,frame_index,pts_s``) and a label file in the
+with ``row,video_id,source,frame_index,pts_s``) and a label file: either the
 annotation format (CSV ``video,start_s,end_s,label`` or JSONL with the same
-keys; read by pipeline/annotations.py). Each frame takes every label whose
-segment ``[start_s, end_s)`` holds its pts; frames without a label are left out. When every labelled frame has
-exactly one label the task is single-label (metric: accuracy), otherwise
-multi-label (metric: mean average precision over classes present in the test
-set).
+keys; read by pipeline/annotations.py), or the whole-video shorthand
+``video,label`` (CSV or JSONL; one row per label, so a video may have several).
+Each frame takes every label whose segment ``[start_s, end_s)`` holds its pts
+(every label of its video, with the shorthand); frames without a label are left
+out. When every labelled frame has exactly one label the task is single-label
+(metric: accuracy), otherwise multi-label (metric: mean average precision).
 
 The train/test split is by video (seeded), so no frame of a test video is seen
 in training: neighbouring frames are near duplicates, and a frame split would
-measure memorisation, not features.
+measure memorisation, not features. It is stratified: videos are grouped by
+their main label (the one most of their frames carry) and each group is split
+with the test fraction, keeping at least one video of the group in training; a
+class with a single video goes to training. A class that occurs in test but not
+in training cannot be predicted by any probe: such classes are named in a
+warning and left out of the score (their frames for accuracy, the classes for
+mAP); when no test class occurs in training the probe refuses (ProbeError).
 
 Probes (both standard, small, and fast on a CPU):
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,10 +47,15 @@ import torch
 import torch.nn.functional as F
 
 from abvid.pipeline.annotations import Annotation, AnnotationError, Annotations, load_annotations
+from abvid.pipeline.errors import UsageError
 
 
-class ProbeError(ValueError):
-    """The embeddings or labels cannot be probed (missing file, no overlap, one class...)."""
+class ProbeError(UsageError):
+    """The embeddings or labels cannot be probed (missing file, no overlap, one class...): exit 2."""
+
+
+class ProbeWarning(UserWarning):
+    """The probe ran, but part of its score means less than it seems (e.g. test classes unseen in training)."""
 
 
 @dataclass
@@ -94,16 +107,83 @@ def frame_labels(rows: list[dict], annotations: Annotations) -> list[list[str]]:
     return out
 
 
-def split_by_video(video_ids: list[str], test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask over frames; whole videos go to one side. At least one video per side."""
+def load_labels(path: str | Path) -> Annotations:
+    """Segment labels (the annotation format) or whole-video labels (``video,label``, CSV or JSONL)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeError(f"--labels {path} does not exist; give a CSV/JSONL with video,label (whole videos) or "
+                         "video,start_s,end_s,label (segments)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProbeError(f"cannot read --labels {path}: {e}") from e
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        fields = set(rows[0]) if rows else set()
+    else:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ProbeError(f"{path}: not JSONL ({e}); one JSON object per line") from e
+        fields = set(rows[0]) if rows and isinstance(rows[0], dict) else set()
+    if {"video", "label"} <= fields and not fields & {"start_s", "end_s"}:
+        return _whole_video_labels(path, rows)
+    try:
+        return load_annotations(path)
+    except AnnotationError as e:
+        raise ProbeError(f"{e}; --labels takes video,label (whole videos) or video,start_s,end_s,label") from e
+
+
+def _whole_video_labels(path: Path, rows: list) -> Annotations:
+    out: dict[str, list[Annotation]] = {}
+    for n, row in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):
+        video = row.get("video") if isinstance(row, dict) else None
+        label = row.get("label") if isinstance(row, dict) else None
+        if not isinstance(video, str) or not video.strip() or not isinstance(label, str) or not label.strip():
+            raise ProbeError(f"{path}:{n}: a whole-video label row needs a non-empty 'video' and 'label', got {row!r}")
+        out.setdefault(video.strip(), []).append(Annotation(0.0, math.inf, label.strip()))
+    return Annotations(out, base=path.parent)
+
+
+def main_labels(video_ids: list[str], labels: list[list[str]]) -> dict[str, str]:
+    """Each video's main label: the one most of its labelled frames carry (ties: alphabetical)."""
+    counts: dict[str, dict[str, int]] = {}
+    for v, ls in zip(video_ids, labels):
+        for l in ls:
+            counts.setdefault(v, {}).setdefault(l, 0)
+            counts[v][l] += 1
+    return {v: min(c, key=lambda l: (-c[l], l)) for v, c in counts.items()}
+
+
+def split_by_video(video_ids: list[str], test_fraction: float, seed: int,
+                   strata: dict[str, str] | None = None) -> np.ndarray:
+    """Boolean test mask over frames; whole videos go to one side, at least one video per side.
+
+    With ``strata`` (video -> main label) the split is stratified: each label's videos are split
+    with ``test_fraction``, at least one of them kept for training (a label's only video trains).
+    """
     if not 0.0 < test_fraction < 1.0:
         raise ProbeError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     videos = sorted(set(video_ids))
     if len(videos) < 2:
         raise ProbeError(f"the labelled frames come from {len(videos)} video(s); a by-video split needs at least 2")
-    order = np.random.default_rng(seed).permutation(len(videos))
-    n_test = min(max(1, round(test_fraction * len(videos))), len(videos) - 1)
-    test_videos = {videos[i] for i in order[:n_test]}
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        order = rng.permutation(len(videos))
+        n_test = min(max(1, round(test_fraction * len(videos))), len(videos) - 1)
+        test_videos = {videos[i] for i in order[:n_test]}
+    else:
+        groups: dict[str, list[str]] = {}
+        for v in videos:
+            groups.setdefault(strata.get(v, ""), []).append(v)
+        test_videos = set()
+        for _, group in sorted(groups.items()):
+            order = rng.permutation(len(group))
+            n_test = min(max(1, round(test_fraction * len(group))), len(group) - 1)
+            test_videos |= {group[i] for i in order[:n_test]}
+        if not test_videos:
+            raise ProbeError(f"each of the {len(groups)} classes occurs in one video only, so a by-video split "
+                             "cannot test a class it trained on; label at least two videos per class")
     return np.array([v in test_videos for v in video_ids], dtype=bool)
 
 
@@ -189,11 +269,7 @@ def run_probe(emb_dir: str | Path, labels_path: str | Path, *, methods: tuple[st
               out_json: str | Path | None = None) -> list[ProbeResult]:
     """Probe an embedding folder with a label file; writes ``probe.json`` (default: in ``emb_dir``)."""
     x_all, rows = read_index(emb_dir)
-    try:
-        annotations = load_annotations(labels_path)
-    except AnnotationError as e:
-        raise ProbeError(f"{e}; --labels takes the annotation format video,start_s,end_s,label") from e
-    labels = frame_labels(rows, annotations)
+    labels = frame_labels(rows, load_labels(labels_path))
     keep = np.array([bool(l) for l in labels])
     if not keep.any():
         raise ProbeError(f"no frame of {emb_dir} falls in a segment of {labels_path}; check that the label file's "
@@ -216,12 +292,14 @@ def run_probe(emb_dir: str | Path, labels_path: str | Path, *, methods: tuple[st
         y = torch.tensor([col[ls[0]] for ls in labels], dtype=torch.int64)
     if len(names) < 2:
         raise ProbeError(f"{labels_path} gives the embedded frames only one label ({names}); a probe needs >= 2")
-    test = torch.from_numpy(split_by_video(videos, test_fraction, seed))
+    test = torch.from_numpy(split_by_video(videos, test_fraction, seed, main_labels(videos, labels)))
     train = ~test
+    unseen, scored = _unseen_test_classes(y, train, test, names, multilabel)
     if multilabel:
-        chance = float(y[test].mean(0)[y[test].sum(0) > 0].mean())
+        chance = float(y[test][:, scored].mean(0)[y[test][:, scored].sum(0) > 0].mean())
     else:
         majority = int(torch.bincount(y[train], minlength=len(names)).argmax())
+        test &= torch.isin(y, torch.tensor(scored))          # frames of unseen classes are not scored
         chance = float((y[test] == majority).float().mean())
     vids = np.array(videos)
     results = []
@@ -232,7 +310,10 @@ def run_probe(emb_dir: str | Path, labels_path: str | Path, *, methods: tuple[st
             scores = knn_probe(x[train], y[train], x[test], multilabel=multilabel, k=k, temperature=temperature)
         else:
             raise ProbeError(f"unknown probe method '{method}'; choose linear or knn")
-        score = mean_average_precision(scores, y[test]) if multilabel else accuracy(scores, y[test])
+        if multilabel:
+            score = mean_average_precision(scores[:, scored], y[test][:, scored])
+        else:
+            score = accuracy(scores, y[test])
         results.append(ProbeResult(
             method=method, task="multi-label" if multilabel else "single-label",
             metric="mAP" if multilabel else "accuracy", score=score, chance=chance, classes=len(names),
@@ -241,11 +322,36 @@ def run_probe(emb_dir: str | Path, labels_path: str | Path, *, methods: tuple[st
     out = Path(out_json) if out_json is not None else Path(emb_dir) / "probe.json"
     payload = {"embeddings": str(emb_dir), "labels": str(labels_path), "test_fraction": test_fraction,
                "seed": seed, "shuffled_labels": shuffle_labels, "classes": names,
-               "unlabelled_frames": int((~keep).sum()), "results": [asdict(r) for r in results]}
+               "unlabelled_frames": int((~keep).sum()), "unseen_test_classes": unseen,
+               "results": [asdict(r) for r in results]}
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(out)
     return results
+
+
+def _unseen_test_classes(y: torch.Tensor, train: torch.Tensor, test: torch.Tensor, names: list[str],
+                         multilabel: bool) -> tuple[list[str], list[int]]:
+    """(names of classes in test but never in training, indices of the classes that are scored).
+
+    Warns when some test classes are unseen; refuses (ProbeError) when none of them was seen.
+    """
+    if multilabel:
+        in_train, in_test = y[train].sum(0) > 0, y[test].sum(0) > 0
+    else:
+        in_train = torch.bincount(y[train], minlength=len(names)) > 0
+        in_test = torch.bincount(y[test], minlength=len(names)) > 0
+    unseen = [names[c] for c in range(len(names)) if in_test[c] and not in_train[c]]
+    scored = [c for c in range(len(names)) if in_train[c]]
+    if unseen and not (in_test & in_train).any():
+        raise ProbeError(f"no class of the test videos occurs in the training videos (test classes: "
+                         f"{', '.join(unseen[:8])}): any score would be 0. Label several videos per class, or "
+                         "give whole-video labels that repeat across videos (video,label)")
+    if unseen:
+        warnings.warn(f"{len(unseen)} test class(es) never occur in the training videos and are left out of the "
+                      f"score: {', '.join(unseen[:8])}{' ...' if len(unseen) > 8 else ''} (label more videos of "
+                      "them)", ProbeWarning, stacklevel=3)
+    return unseen, scored
 
 
 def format_table(results: list[ProbeResult]) -> str:
