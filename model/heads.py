@@ -5,7 +5,7 @@ bottleneck, L2 normalisation, then K prototypes in a weight-normalised linear
 layer with the gain FIXED at 1 (DINO's ``norm_last_layer=True``). Here the fixed
 gain is structural: the prototypes are stored as plain vectors and normalised
 on every call, so there is no gain parameter that weight decay could shrink
-(METHOD.md section 2, "known traps": a decayed trainable gain drives every
+(docs/METHOD.md section 2, "known traps": a decayed trainable gain drives every
 logit to 0 and the teacher to uniform). Logits are therefore cosines in
 [-1, 1]; the objective divides them by a temperature.
 

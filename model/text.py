@@ -1,4 +1,4 @@
-"""Bag-of-tokens text / label encoder for CLIP-style annotations (METHOD.md section 2).
+"""Bag-of-tokens text / label encoder for CLIP-style annotations (docs/METHOD.md section 2).
 
 Labels and weak captions from the corpus side file are turned into
 L2-normalised embeddings ``psi(l)`` that views are scored against. Nothing is

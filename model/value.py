@@ -1,4 +1,4 @@
-"""Action tokeniser and value decoder: phi_AB(x, a) of annotation bootstrapping (METHOD.md section 3).
+"""Action tokeniser and value decoder: phi_AB(x, a) of annotation bootstrapping (docs/METHOD.md section 3).
 
 The value head ``Q(l | x, a)`` reads the source view's patch tokens and an
 action ``a`` (pipeline/actions.py, ``ACTION_FIELDS``) and outputs one vector

@@ -1,6 +1,6 @@
 """Pairwise actions between views: the "a" of a transition (view i -> action -> view j).
 
-METHOD.md section 1: an action is the change from one view to another: the
+docs/METHOD.md section 1: an action is the change from one view to another: the
 target box in the source view's coordinates, the temporal offset, and the
 augmentation applied to the target. For a batch of clips with ``n`` views each
 we build every ordered pair at once: ``(B, n, n, A)``, entry ``[b, i, j]`` is

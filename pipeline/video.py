@@ -25,7 +25,7 @@ PyAV backend (the fast path)
     swscale contexts, AREA filter); rotation (display matrix, ``frame.rotation``) is
     applied with numpy after the resize.
 
-Why ``auto`` prefers PyAV (DESIGN.md says decord first)
+Why ``auto`` prefers PyAV (the first design said decord first; docs/DESIGN.md)
     Alternating runs of ``decode_only(f)`` (every frame) and iterating ``open_video(f, 4.0, 256, backend)``
     on the shared 2-core VM (load 6-9, process CPU seconds, median of 5-9): cockatoo.mp4 (720p H.264,
     280 frames) decode-only 0.50 s, PyAV backend 0.58-0.62 s, decord backend 0.69-0.71 s; decord

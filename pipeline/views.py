@@ -1,6 +1,6 @@
 """Views of a clip: sample (frame, box, augmentation) per view, then render them from decoded frames.
 
-METHOD.md sections 1 and 5: a view is one frame ``t`` of a clip, cropped to box ``b``
+docs/METHOD.md section 1: a view is one frame ``t`` of a clip, cropped to box ``b``
 and augmented with ``g``. ``ViewSampler.sample`` draws the parameters of all ``n``
 views of a clip (globals first, then locals) from a numpy Generator, cheaply and
 without pixels, so the loader can replay it on resume without decoding.
@@ -213,7 +213,7 @@ class ViewSampler(ViewConfig):
                     count: int) -> Views:
         """``count`` fresh views of the same clip, never rendered: the targets of the next actions A'.
 
-        Drawn by the rules that make the clip's own views (METHOD.md: A' is a sample of the action
+        Drawn by the rules that make the clip's own views (docs/METHOD.md: A' is a sample of the action
         distribution): each is global-sized with probability n_global / n, else local-sized; its frame
         is the anchor or a time offset from it with the same p_dt0 and dt rule; its box and augmentation
         follow the same rules. Call after ``sample`` on the same generator (the views stay unchanged).

@@ -1,4 +1,4 @@
-"""DINO at toy scale: the recommended recipe keeps the teacher's targets informative (METHOD.md section 2).
+"""DINO at toy scale: the recommended recipe keeps the teacher's targets informative (docs/METHOD.md section 2).
 
 A fixed synthetic stream: 8 distinct patterns (oriented stripes in a class
 colour), random crops of them as 2 global (32 px) + 2 local (16 px) views,

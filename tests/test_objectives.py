@@ -55,7 +55,7 @@ def capture_targets(monkeypatch) -> list:
 
 
 def view_probs(obj, encoder, head, batch, teacher_temp):
-    """p(l | view) recomputed view group by view group, the way METHOD.md defines it."""
+    """p(l | view) recomputed view group by view group, the way docs/METHOD.md defines it."""
     cls = torch.cat([encoder.embed(batch[k].flatten(0, 1)).view(4, 2, -1) for k in ("global", "local")], 1)
     z = head(cls)
     if obj.family.__class__.__name__ == "DINOFamily":                # globals and locals: a centre each

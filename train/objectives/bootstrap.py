@@ -1,4 +1,4 @@
-"""Annotation bootstrapping loss on top of any annotation source (METHOD.md section 3).
+"""Annotation bootstrapping loss on top of any annotation source (docs/METHOD.md section 3).
 
 For every ordered pair of views (i -> j, i != j) of a clip -- the transition
 ``(x = view i, a = action i->j, x' = view j)`` -- the value head predicts the

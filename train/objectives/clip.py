@@ -1,4 +1,4 @@
-"""CLIP-style labels / weak captions as an annotation source (Radford et al. 2021; METHOD.md section 2).
+"""CLIP-style labels / weak captions as an annotation source (Radford et al. 2021; docs/METHOD.md section 2).
 
 Annotations ``l`` are the distinct label or caption strings of the batch
 (``batch["labels"]``, one list per clip; sorted, so every rank and rerun agrees),

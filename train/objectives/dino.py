@@ -1,4 +1,4 @@
-"""DINO as an annotation source: self-distillation with prototypes (Caron et al. 2021; METHOD.md section 2).
+"""DINO as an annotation source: self-distillation with prototypes (Caron et al. 2021; docs/METHOD.md section 2).
 
 Annotations ``l`` are the K prototypes of the DINO head (model/heads.py);
 ``p(l | x) = softmax((cos(z_x, psi_l) - c) / tau_t)`` on the teacher (centred by
@@ -12,9 +12,9 @@ them alone. Annotation bootstrapping also needs teacher targets for the local
 views; those come from a second teacher head call over the locals (their own
 BatchNorm statistics) centred by a centre of their own (``centre_local``), so the
 globals' targets -- and therefore DINO's own loss -- are exactly those of plain
-DINO (METHOD.md: the base loss is computed as the base method computes it).
+DINO (docs/METHOD.md: the base loss is computed as the base method computes it).
 
-Collapse and the toy-scale recipe (METHOD.md "known traps"). Built in:
+Collapse and the toy-scale recipe (docs/METHOD.md "known traps"). Built in:
 prototypes with a weight-norm gain fixed at 1 and no weight decay
 (model/heads.py); ``head_norm`` (normalisation in the head's hidden layers);
 the centre momentum as a setting; the teacher temperature from the loop

@@ -1,4 +1,4 @@
-"""SimCLR as an annotation source: instance discrimination over the batch (Chen et al. 2020; METHOD.md section 2).
+"""SimCLR as an annotation source: instance discrimination over the batch (Chen et al. 2020; docs/METHOD.md section 2).
 
 The annotation of a view is "which other view in the batch came from the same
 clip". Annotations ``l`` are the batch's views themselves: ``psi_l`` is the
