@@ -73,6 +73,21 @@ def test_the_table_is_rebuilt_from_the_run_folders_alone(tmp_path):
     assert saved["rows"]["ab"]["knn"]["diff_vs_base"]["n"] == 1 and (tmp_path / "table.md").read_text().startswith(md)
 
 
+def test_a_run_folder_of_other_settings_is_refused_not_reused(tmp_path):
+    from abvid.pipeline.errors import UsageError
+    from abvid.train.ablation import _meta, is_done
+    plan = Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=tmp_path)
+    run = plan.run_dir("ab", 0)
+    run.mkdir(parents=True)
+    (run / "ablation.json").write_text(json.dumps(_meta(plan, "ab", 0)))
+    assert not is_done(plan, "ab", 0)                                 # same plan, unfinished: run it
+    (run / "probe.json").write_text("{}")
+    assert is_done(plan, "ab", 0)
+    other = Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=tmp_path, overrides=("train.steps=5",))
+    with pytest.raises(UsageError, match="holds a run with other settings \\(overrides"):
+        is_done(other, "ab", 0)
+
+
 def test_cli_usage_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "abvid.tools.cli", "ablate", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=60)

@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from abvid.pipeline.errors import UsageError
+
 # name -> (title, overrides). "ab" is the default AB config (gamma from the config, 0 by default).
 ROWS: dict[str, tuple[str, tuple[str, ...]]] = {
     "random": ("random init", ("train.steps=0",)),
@@ -78,16 +80,34 @@ def commands(plan: Plan, row: str, seed: int) -> list[list[str]]:
 
 
 def is_done(plan: Plan, row: str, seed: int) -> bool:
-    return (plan.run_dir(row, seed) / "probe.json").is_file()
+    """True when the run folder holds a finished run of this very plan (its probe.json exists).
+
+    A folder left by a run with other overrides, config or probe refuses: its numbers would be
+    reported as this plan's.
+    """
+    run = plan.run_dir(row, seed)
+    meta_path = run / "ablation.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        want = _meta(plan, row, seed)
+        differs = [k for k in want if meta.get(k) != want[k]]
+        if differs:
+            raise UsageError(f"{run} holds a run with other settings ({', '.join(differs)}: "
+                             f"{[meta.get(k) for k in differs]} vs {[want[k] for k in differs]}); use another --out, "
+                             "or delete that run folder to redo it")
+    return (run / "probe.json").is_file()
+
+
+def _meta(plan: Plan, row: str, seed: int) -> dict:
+    return {"row": row, "title": ROWS[row][0], "seed": seed, "overrides": plan.run_overrides(row, seed),
+            "config": plan.config, "probe": plan.probe, "labels": plan.labels, "probe_seed": plan.probe_seed}
 
 
 def run_one(plan: Plan, row: str, seed: int, log=print) -> None:
     """pretrain -> embed -> probe for one (row, seed); raises RuntimeError naming the failed step and its log."""
     run = plan.run_dir(row, seed)
     run.mkdir(parents=True, exist_ok=True)
-    meta = {"row": row, "title": ROWS[row][0], "seed": seed, "overrides": plan.run_overrides(row, seed),
-            "config": plan.config, "probe": plan.probe, "labels": plan.labels, "probe_seed": plan.probe_seed}
-    (run / "ablation.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (run / "ablation.json").write_text(json.dumps(_meta(plan, row, seed), indent=2) + "\n")
     for step, cmd in zip(("pretrain", "embed", "probe"), commands(plan, row, seed)):
         if step == "embed":                        # the newest checkpoint of the run
             ckpts = sorted((run / "checkpoints").glob("ckpt-*.pt"))
