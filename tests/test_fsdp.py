@@ -21,7 +21,6 @@ import torch
 import torch.multiprocessing as mp
 
 from abvid.train.checkpoint import load_checkpoint
-from abvid.train.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_dist import free_port  # noqa: E402

@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 
 from abvid.pipeline import gpu_views as G
-from abvid.pipeline.actions import AUG_DIM
 from abvid.pipeline.loader import DataConfig, build_dataset, build_loader
-from abvid.pipeline.views import ViewSampler, Views, augment_view, render
+from abvid.pipeline.views import ViewSampler, augment_view
 from conftest import frame_pattern, write_test_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated", "ignore::DeprecationWarning")

@@ -31,7 +31,7 @@ import json
 import statistics
 import sys
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 

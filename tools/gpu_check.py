@@ -23,7 +23,6 @@ commit, then a markdown table the README can take as it is.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
