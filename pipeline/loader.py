@@ -73,7 +73,7 @@ class DataConfig(ViewConfig):
     pin_memory: bool | None = None           # page-locked batches (fast host->GPU copy); None = if CUDA is available
     seed: int = 0
     aug_in_loader: bool = True               # False: record aug params, leave colour/blur/solarize to the
-                                             # caller (views.augment works on GPU tensors); flip stays here
+                                             # caller (gpu_views.augment works on GPU tensors); flip stays here
     decode_on: Literal["workers", "device"] = "workers"   # device: batches carry JPEG bytes + view parameters,
                                              # decoded and rendered on the training device (pipeline/gpu_views.py)
     max_bad_fraction: float = 0.1            # stop when more than this share of the samples read is unreadable

@@ -6,8 +6,8 @@ views of a clip (globals first, then locals) from a numpy Generator, cheaply and
 without pixels, so the loader can replay it on resume without decoding.
 ``render_into`` then crops/resizes/flips the decoded frames and applies the
 colour/grey/blur/solarize part per view with OpenCV, writing into the caller's
-(S, S, 3) slots; ``augment`` is the same augmentation as one batched, device-agnostic
-torch function (for a training loop that augments on the GPU).
+(S, S, 3) slots; ``pipeline/gpu_views.augment`` is the same augmentation as one
+batched torch function (for a training loop that augments or renders on the GPU).
 
 Time: view 0 sits on the *anchor* frame (uniform over the clip); every other view
 has dt = 0 with probability ``p_dt0``, else dt uniform in 1..m (``forward``) or in
@@ -47,8 +47,9 @@ view: bilinear resize 0.05 ms (torch antialiased 0.10-0.13, OpenCV INTER_AREA 0.
 ms at sigma 1 / 2 (``sepFilter2D`` with a float kernel; GaussianBlur's bit-exact 8-bit path
 0.12 / 0.25, the old torch shift-and-add 0.24 / 0.40), solarize 0.04 ms (LUT). With it the
 loader went from 0.48 to 0.66 of the decode-only bound (``abvid bench loader``, README).
-The torch ``augment`` stays for augmenting on the GPU (``data.aug_in_loader=false``); both
-paths take the same parameters and agree within two levels (tests/test_views.py).
+Augmenting on the GPU (``data.aug_in_loader=false``, ``data.decode_on=device``) is
+``pipeline/gpu_views.augment``: the same parameters, agreeing with ``augment_view`` within a
+level or two (tests/test_gpu_views.py).
 """
 from __future__ import annotations
 
@@ -291,7 +292,7 @@ def render_into(frames: dict[int, torch.Tensor | np.ndarray], views: Views, out_
     the crop is at most 2x the output size in both sides, else area averaging (INTER_AREA), which
     anti-aliases large reductions; at <= 2x every source pixel still reaches the output. Measured per
     clip here (2 x 224 + 4 x 96 views, one core): torch antialiased interpolate 0.36 ms, this 0.17 ms.
-    Augmentation: ``augment_view`` per view, in place (the same parameters as ``augment``).
+    Augmentation: ``augment_view`` per view, in place.
     """
     cv2 = _cv2()
     if not (out_global.flags.c_contiguous and out_local.flags.c_contiguous):
@@ -333,8 +334,8 @@ def augment_view(x: np.ndarray, a: np.ndarray, mat: np.ndarray | None = None) ->
     """Colour jitter + grey, blur, solarize of one (S, S, 3) uint8 view, in place (CPU, OpenCV); returns x.
 
     a: the view's (AUG_DIM,) parameters; mat: its colour matrix (computed here when None).
-    Same parameters and order as ``augment`` (the batched torch version, for GPUs); the colour
-    step rounds to uint8 before the blur, so results differ from it by a level or two at most.
+    Same parameters and order as ``gpu_views.augment`` (the batched torch version, for GPUs), which
+    also rounds after each step.
     Per 224 px view, one core: colour 0.01 ms, blur 0.06 / 0.11 ms at sigma 1 / 2, solarize 0.04 ms.
     """
     cv2 = _cv2()
@@ -386,86 +387,3 @@ def _colour_matrices(a: np.ndarray) -> np.ndarray:
     g = a[:, _A["grey"]][:, None, None]
     grey = g * ones_w + (1 - g) * eye
     return (grey @ hue @ sat * bc).astype(np.float32)
-
-
-def colour_matrix(aug: torch.Tensor) -> torch.Tensor:
-    """(N, AUG_DIM) -> (N, 3, 3) float32 matrix of brightness*contrast, saturation, hue and grey (no offset)."""
-    return torch.from_numpy(_colour_matrices(aug.detach().cpu().double().numpy()))
-
-
-def _blur(x: torch.Tensor, sigma: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Separable Gaussian blur of one view x (3, S, S) float, reflect padding, radius ceil(3 sigma).
-
-    ``out`` (may be x itself: x is fully read before out is written) receives the result, saving a copy.
-    Shift-and-add with scalar weights, in place: ~0.8 ms per 224 px view on one core here, faster than
-    depthwise conv2d (4 ms), conv1d (2.4 ms) or PIL GaussianBlur with the tensor<->PIL copies (2.1 ms).
-    Re-measured (0.18 / 0.24 / 0.40 ms at sigma 0.5 / 1 / 2, 224 px): also faster than 1x1-channel conv2d
-    (0.57 / 0.67 / 0.92), numpy einsum over sliding windows (0.80 / 0.84 / 0.97), unfold @ kernel (2.4-3.4),
-    a transposed second pass (0.28 / 0.33 / 0.49) and one batched addcmul_ pass over all blurred views of a
-    stack with per-view weights (no gain: the passes are memory-bound, not call-bound).
-    """
-    S_h, S_w = x.shape[-2:]
-    r = max(1, min(math.ceil(3 * sigma), min(S_h, S_w) - 1))
-    w = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-r, r + 1)]
-    w = [v / sum(w) for v in w]
-    p = torch.nn.functional.pad(x[None], (r, r, 0, 0), mode="reflect")[0]
-    acc = p[..., 0:S_w] * w[0]
-    for i in range(1, 2 * r + 1):
-        acc.add_(p[..., i:i + S_w], alpha=w[i])
-    p = torch.nn.functional.pad(acc[None], (0, 0, r, r), mode="reflect")[0]
-    acc = torch.mul(p[:, 0:S_h], w[0], out=out) if out is not None else p[:, 0:S_h] * w[0]   # out may alias x
-    for i in range(1, 2 * r + 1):
-        acc.add_(p[:, i:i + S_h], alpha=w[i])
-    return acc
-
-
-def _to_uint8(f: torch.Tensor) -> torch.Tensor:
-    """Float values already in [0, 256) (rounding offset included) -> uint8 by truncation.
-
-    On CPU numpy's cast is ~4x faster than torch's float -> uint8 ``to`` (0.02 vs 0.08 ms per 2 x 224 views).
-    """
-    if f.device.type == "cpu" and not f.requires_grad:
-        return torch.from_numpy(f.contiguous().numpy().astype(np.uint8))
-    return f.clamp_(0, 255).to(torch.uint8)
-
-
-def augment(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
-    """Colour jitter + grey, blur, solarize of views x (N, 3, S, S) uint8 per aug (N, AUG_DIM); any device.
-
-    Flip is geometric and done in ``render``. Returns x itself when no view needs any of these.
-    One float conversion for the whole stack; views without colour change get the identity matrix.
-    The rounding offset (+0.5, round half up) is folded into the colour offset and the clamp
-    ([0.5, 255.5] instead of [0, 255]; blur weights sum to 1, so it passes through the blur unchanged),
-    which saves two passes over the pixels; the per-view parameters are read once, in numpy.
-    """
-    a = aug.detach().to("cpu", torch.float32).numpy()
-    if x.shape[0] == 0:
-        return x
-    colour = bool(a[:, _COLOUR_COLS].any())
-    blur = np.flatnonzero(a[:, _A["blur_sigma"]] > 0)
-    sol = np.flatnonzero(a[:, _A["solarize"]] != 0)
-    if not (colour or len(blur) or len(sol)):
-        return x
-    if colour or len(blur):
-        f = x.float()                                                                    # (N, 3, S, S)
-        if colour:
-            b, c = torch.from_numpy(1 + a[:, _A["brightness"]]), 1 + a[:, _A["contrast"]]
-            off = torch.full((len(a), 1, 1), 0.5)
-            if (c != 1).any():
-                # contrast blends towards the mean grey of the brightness-adjusted image (a scalar per view)
-                mean_grey = (f.flatten(2).mean(2) @ GREY_WEIGHTS.to(f.device)) * b.to(f.device)    # (N,)
-                off = ((1 - torch.from_numpy(c).to(f.device)) * mean_grey)[:, None, None] + 0.5  # matrix maps 1 -> 1
-            f = torch.baddbmm(off.to(f.device), colour_matrix(aug).to(f.device), f.flatten(2)).view_as(f)
-            f.clamp_(0.5, 255.5)
-        else:
-            f.add_(0.5)
-        for i in blur.tolist():
-            _blur(f[i], float(a[i, _A["blur_sigma"]]), out=f[i])                       # x is read before out is written
-        x = _to_uint8(f)                                                                 # round half up
-    else:
-        x = x.clone()
-    if len(sol):
-        idx = torch.from_numpy(sol).to(x.device)
-        s = x.index_select(0, idx)
-        x.index_copy_(0, idx, torch.minimum(s, 255 - s))                                # == x >= 128 ? 255 - x : x
-    return x
