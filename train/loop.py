@@ -78,7 +78,7 @@ from torch import nn
 from abvid.train import compile as tcompile
 from abvid.train import dist, fsdp
 from abvid.train.checkpoint import CheckpointError, capture_rng, load_latest, restore_rng, save_checkpoint
-from abvid.train.metrics import IntervalMeter, MetricsWriter, setup_logging
+from abvid.train.metrics import IntervalMeter, MetricsWriter, setup_logging, to_floats
 from abvid.train.optim import build_optimizer, set_hparams
 from abvid.train.prefetch import DeviceFeed
 from abvid.train.schedules import cosine, linear, scaled_lr, warmup_cosine
@@ -254,8 +254,7 @@ def train_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Op
     flags = torch.stack([~torch.isfinite(loss.detach().float()) | ~torch.isfinite(gnorm),
                          torch.tensor(stop_requested, device=device)]).float()
     flags = dist.all_reduce_max(ctx, flags)
-    bad_f, stop_f, loss_v, gnorm_v = torch.cat(
-        [flags, torch.stack([loss.detach().float(), gnorm.detach().float()])]).tolist()
+    metrics, (bad_f, stop_f, loss_v, gnorm_v) = to_floats(metrics, *flags, loss, gnorm)
     if bad_f:
         optimizer.zero_grad(set_to_none=True)
     else:

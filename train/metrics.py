@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 try:
     from tqdm import tqdm
 except ImportError:  # a bare GPU host (tools/gpu_check.sh) may lack it: no bar, the log lines remain
@@ -197,3 +199,15 @@ def read_metrics_tolerant(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             log.warning("%s: dropping unreadable line %r (run killed mid-write?)", path, line[:80])
     return rows
+
+
+def to_floats(metrics: dict[str, Any], *extra: torch.Tensor) -> tuple[dict[str, float], list[float]]:
+    """Tensor metrics (and ``extra`` 0-d tensors) -> floats in one device transfer; NaN metrics (empty
+    buckets) are dropped. ``Objective.loss`` returns its metrics as tensors so that the training loop
+    can make this the one host sync of a step (train/loop.py ``train_step``)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if k not in keys}
+    tensors = [metrics[k].detach().float().reshape(()) for k in keys] + [t.detach().float().reshape(()) for t in extra]
+    values = torch.stack(tensors).tolist() if tensors else []
+    out.update(zip(keys, values))
+    return {k: v for k, v in out.items() if not math.isnan(v)}, values[len(keys):]

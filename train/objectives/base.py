@@ -35,6 +35,7 @@ import torch.nn as nn
 from abvid.model.vit import DropPath
 from abvid.pipeline.actions import actions_between, pairwise_actions
 
+
 from .bootstrap import Encoded, bootstrap_loss, next_values
 
 # Parameter name endings that get no weight decay besides every 0-/1-d tensor (norms, biases, scales).
@@ -54,16 +55,6 @@ def encode(encoder: nn.Module, batch: dict[str, Any], with_local: bool = True) -
         cls.append(tokens[:, :, 0])
         patches.append(tokens[:, :, 1:])
     return Encoded(torch.cat(cls, dim=1), patches)
-
-
-def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
-    """Tensor metrics -> floats with one device transfer; NaN entries (empty buckets) are dropped."""
-    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-    out = {k: float(v) for k, v in metrics.items() if k not in keys}
-    if keys:
-        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()
-        out.update(zip(keys, values))
-    return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
 def _frozen_copy(module: nn.Module | None) -> nn.Module | None:
@@ -130,8 +121,9 @@ class Objective(nn.Module):
             p = torch.cat([p, p_loc], dim=1)
         return enc, z, psi, exclude, p
 
-    def loss(self, batch: dict[str, Any], teacher_temp: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss = base + bootstrap_weight * bootstrap, and float metrics for logging."""
+    def loss(self, batch: dict[str, Any], teacher_temp: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Total loss = base + bootstrap_weight * bootstrap, and metrics for logging: 0-d tensors left on the
+        device (no host sync here; ``to_floats`` brings them over) and plain floats."""
         tt = self.default_teacher_temp if teacher_temp is None else float(teacher_temp)
         fam, ng = self.family, batch["global"].shape[1]
         enc_s = encode(self.student_encoder, batch)
@@ -185,7 +177,7 @@ class Objective(nn.Module):
         if getattr(fam, "uses_teacher_temp", False):
             metrics["teacher_temp"] = tt
         metrics["loss"] = total.detach()
-        return total, to_floats(metrics)
+        return total, {k: v.detach() if torch.is_tensor(v) else v for k, v in metrics.items()}
 
     def _next_actions(self, batch: dict[str, Any]) -> torch.Tensor:
         """A': actions from every view to the clip's first ``num_next_actions`` fresh views (B, n, M, A)."""
