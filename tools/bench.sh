@@ -17,7 +17,10 @@ fi
 {
   echo "== preprocess";  abvid bench preprocess "$CLIP" --fps 4 --size 256
   echo "== loader";      abvid bench loader "$W/shards" --workers "${WORKERS:-2}"
-  echo "== train";       abvid bench train --arch vit_tiny
+  echo "== train (DINO)";   abvid bench train --arch vit_tiny
+  echo "== train (DINO, gamma 0.5)"; abvid bench train --arch vit_tiny --gamma 0.5
+  echo "== train (SimCLR)"; abvid bench train --arch vit_tiny --objective simclr
+  echo "== train (SimCLR, gamma 0.5)"; abvid bench train --arch vit_tiny --objective simclr --gamma 0.5
   echo "== preprocess (folder)"; abvid bench preprocess "$W/corpus" --workers "${WORKERS:-2}" --rounds 2
   echo "== embed";       abvid bench embed "$CLIP" --arch vit_tiny --copies 2 --batch-size 32
   echo "== embed (workers)"; abvid bench embed "$W/corpus" --arch vit_tiny --size 112 --batch-size 32 --workers "${WORKERS:-2}"
