@@ -77,9 +77,13 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise ValueError("JPEG without a start-of-frame header")
 
 
-def read_headers() -> Stage:
-    """Stage (replaces decode_frames in bytes mode): "__sizes__" = {frame: (H, W)} of the frames the views use."""
+def read_headers(on_skip: Callable[[str, str | None, str], None] | None = None) -> Stage:
+    """Stage (replaces decode_frames in bytes mode): "__sizes__" = {frame: (H, W)} of the frames the views use.
+
+    A clip whose frame header is unreadable is skipped through ``on_skip`` (the loader's SkipLog: counted in
+    ``data_skipped``, stops the run past ``data.max_bad_fraction``), as decode_frames does on the CPU path."""
     from abvid.pipeline.errors import UsageError
+    skip = on_skip or warn_skip
 
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
         for s in samples:
@@ -94,7 +98,7 @@ def read_headers() -> Stage:
             except ValueError as e:
                 if isinstance(e, UsageError):
                     raise
-                warn_skip(s["__url__"], s["__key__"], f"frame header unreadable ({e})")
+                skip(s["__url__"], s["__key__"], f"frame header unreadable ({e})")
                 continue
             s["__sizes__"] = sizes
             yield s

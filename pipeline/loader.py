@@ -259,7 +259,7 @@ class ClipDataset(IterableDataset):
                   sample_views(self.sampler, rng_for, self.next_views, self.skips)]
         if self.jpeg_bytes:
             from abvid.pipeline import gpu_views
-            return stages + [gpu_views.read_headers()]       # batched in __iter__; decoded on the device
+            return stages + [gpu_views.read_headers(self.skips)]       # batched in __iter__; decoded on the device
         stages.append(decode_frames(self.skips))
         if self.decode_only:
             return stages + [lambda it: ({"key": s["__key__"], "frames": len(s["__frames__"])} for s in it)]

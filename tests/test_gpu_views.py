@@ -148,6 +148,34 @@ def test_webp_frames_are_refused_with_the_fix(tmp_path):
         next(iter(build_loader(cfg, batch_size=1)))
 
 
+def test_unreadable_frame_headers_are_counted_in_data_skipped(tmp_path):
+    """Bytes mode skips a clip whose JPEG header is unreadable through the loader's skip policy, as the CPU
+    path does: the batches count it in data_skipped, and once 10 or more skips exceed data.max_bad_fraction
+    (here 1 clip in 5) the run stops with a JobError naming the shard and the fault."""
+    import json
+    import warnings
+
+    import webdataset as wds
+    from abvid.pipeline.errors import JobError
+    from abvid.pipeline.source import SampleSkipped
+
+    write_test_shards(tmp_path, videos=2, clips_per_video=2, shard_clips=4)
+    meta = {"pts_s": [0.0], "width": 96, "height": 64, "annotations": []}
+    with wds.TarWriter(str(tmp_path / "shard-000009.tar")) as w:
+        w.write({"__key__": "badjpeg-000000", "json": json.dumps(meta).encode(), "000.jpg": b"not a jpeg"})
+    cfg = DataConfig(shards=str(tmp_path), workers=0, global_size=32, local_size=16, resampled=False,
+                     decode_on="device")
+    batches = []
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(JobError, match="frame header unreadable"):
+        warnings.simplefilter("always", SampleSkipped)
+        for b in build_loader(cfg, batch_size=2):                       # epochs repeat: 1 bad clip in 5
+            batches.append(b)
+    assert not any(k.startswith("badjpeg") for b in batches for k in b["key"])
+    good = sum(len(b["key"]) for b in batches)
+    assert good >= 8 and sum(int(b["data_skipped"]) for b in batches) >= good // 4 - 1   # each epoch's bad clip
+    assert any("frame header unreadable" in str(w.message) for w in caught)
+
+
 @pytest.mark.gpu
 def test_nvjpeg_path_equals_the_cpu_path_within_jpeg_tolerance(tmp_path):
     """nvJPEG and libjpeg-turbo may differ by a few levels (IDCT, chroma upsampling); the rendering is shared."""
