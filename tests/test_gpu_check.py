@@ -28,6 +28,8 @@ def test_dry_run_writes_the_results_table(tmp_path):
         assert cells[-1] == "completed" and float(cells[4].replace(",", "")) > 0, row
         assert cells[7] == "-"                         # no MFU on CPU
     assert any("CPU decode" in r for r in rows) and any("GPU decode" in r for r in rows)
+    (embed,) = [ln for ln in lines if ln.startswith("`abvid bench embed CORPUS")]
+    assert "--workers 2" in embed and "**ratio " in embed, embed
     assert lines[-1] == "pytest -m gpu: skipped (SKIP_TESTS=1)"
 
 

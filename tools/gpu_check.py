@@ -12,6 +12,9 @@ Rows (``abvid pretrain``'s real loop, train/loop.py: bf16 autocast, fused AdamW,
 * ViT-S/16 fed from real shards (``abvid toy-corpus`` + ``abvid preprocess``, made here while the
   first rows run) with ``data.decode_on=workers`` (CPU decoding) and ``=device`` (nvJPEG, gpu_views.py).
 
+After the table, one line: ``abvid bench embed`` of ViT-S/16 at 224 px on the same toy videos with one
+decoder process per spare core, against min(decode-only with those processes, model-only).
+
 Columns: views/s, seconds per step and data-wait fraction are the loop's own (train/metrics.py) over
 the steps after the first two logging intervals; TFLOP/s and MFU follow train/flops.py (counted FLOPs
 per step / step time / the card's dense bf16 peak; ``PEAK_TFLOPS`` overrides the table); peak GiB is
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=150.0, help="seconds per row (a row past it says so)")
     p.add_argument("--archs", default="vit_small,vit_base")
     p.add_argument("--compile", default=None, help="off,on (default; dry run: off)")
-    p.add_argument("--parts", default="synthetic,shards", help="synthetic (in-memory rows), shards (data rows)")
+    p.add_argument("--parts", default="synthetic,shards,embed",
+                   help="synthetic (in-memory rows), shards (data rows), embed (abvid bench embed --workers)")
     p.add_argument("--shards", default=None, help="existing shards for the data rows (default: made here)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)      # child: one row as JSON
     args = p.parse_args(argv)
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, work: Path, dry: bool, parts: set[str], compiles: list[bool]) -> int:
     steps, batch = args.steps or (4 if dry else 40), args.batch or (4 if dry else 64)
     cores = os.cpu_count() or 2
-    prep = _make_shards(work, dry) if "shards" in parts and not args.shards else None
+    prep = _make_shards(work, dry) if parts & {"shards", "embed"} and not args.shards else None
     views = (2, 32, 2 if dry else 4, 16) if dry else (2, 224, 4, 96)
     base = {"device": "cpu" if dry else "cuda", "dry_run": dry, "steps": steps, "batch": batch, "views": views,
             "log_every": max(1, steps // 8), "decode_on": "workers", "workers": 0 if dry else min(12, max(1, cores - 2))}
@@ -216,11 +220,37 @@ def _run(args: argparse.Namespace, work: Path, dry: bool, parts: set[str], compi
                         "shards": shards, "run_dir": str(work / f"shards_{decode_on}")}
                 lines.append(table_row(spec, _child(spec, args.time_limit)))
                 print(lines[-1], flush=True)
+    tail = _embed_line(work / "corpus", dry, cores, args.time_limit, prep) if "embed" in parts else ""
     header = _header(dry, time.time() - started)
     Path(args.out).write_text(header + "\n\n| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-                              + "\n".join(lines) + "\n")
+                              + "\n".join(lines) + "\n" + tail)
     print(f"results in {args.out}")
     return 0
+
+
+def _embed_line(corpus: Path, dry: bool, cores: int, limit: float, prep: subprocess.Popen | None) -> str:
+    """``abvid bench embed`` of ViT-S/16 with one decoder process per spare core on the toy corpus made here
+    (issue 12: >= 0.8 of min(decode-only with the same workers, model-only)); its JSON line, as a paragraph."""
+    if prep is not None and prep.wait() != 0 or not corpus.is_dir():
+        return "\nembed: no corpus to embed (toy-corpus failed)\n"
+    workers = 2 if dry else max(1, cores - 2)
+    arch, size, device = ("vit_tiny", 32, "cpu") if dry else ("vit_small", 224, "cuda")
+    cmd = ["bench", "embed", str(corpus), "--arch", arch, "--size", str(size), "--workers", str(workers),
+           "--batch-size", "128", "--device", device, "--repeat", "1" if dry else "2"]
+    shown = "abvid " + " ".join(cmd[:2] + ["CORPUS"] + cmd[3:])
+    try:
+        r = subprocess.run([sys.executable, "-m", "abvid.tools.cli", *cmd], capture_output=True, text=True,
+                           timeout=limit)
+    except subprocess.TimeoutExpired:
+        return f"\n`{shown}`: did not finish within {limit:.0f} s\n"
+    js = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not js:
+        return f"\n`{shown}`: failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}\n"
+    d = json.loads(js[-1])
+    print(js[-1], flush=True)
+    return (f"\n`{shown}` ({d['videos']} toy videos): {d['throughput']:,.1f} frames/s vs bound {d['bound']:,.1f} "
+            f"({d['bound_rule']}; decode-only {d['decode_fps']:,.1f}, model-only {d['model_fps']:,.1f}): "
+            f"**ratio {d['ratio']:.2f}**\n")
 
 
 def _header(dry: bool, seconds: float) -> str:

@@ -8,8 +8,9 @@
 #    install). What is missing is installed from $WHEELS (pip --no-index --find-links); torch must be there.
 # 2. python -m abvid.tools.gpu_check (tools/gpu_check.py): ViT-S/16 and ViT-B/16 AB_DINO with compile off
 #    and on (views/s, s/step, TFLOP/s, MFU, peak memory), then ViT-S/16 fed from real shards made here
-#    (abvid toy-corpus + abvid preprocess) with CPU and with GPU decoding (data-wait). Each row runs
-#    under TIME_LIMIT seconds; a row that runs out says so.
+#    (abvid toy-corpus + abvid preprocess) with CPU and with GPU decoding (data-wait), then one
+#    `abvid bench embed` line (ViT-S/16, one decoder process per spare core). Each row runs under
+#    TIME_LIMIT seconds; a row that runs out says so.
 # 3. pytest -m gpu (under TEST_LIMIT seconds), its summary line appended to the results.
 # The results file: one line naming card, host, torch and commit, then a markdown table the README takes
 # as it is, then the pytest line. Expected ~4-5 min on an H100-class host (compiling dominates; the rows'
