@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end demo on data it makes itself (about 6 minutes on 2 CPU cores):
+# End-to-end demo on data it makes itself (about 4 minutes on 2 CPU cores):
 #   for each toy corpus (shapes, crowd): a pretraining corpus and a disjoint probe corpus -> preprocess
 #   -> pretrain (random init, base method, AB) -> embed the probe videos -> probe, and a table.
 # It is seed 0 of the ablation (examples/ablation.sh, `abvid ablate`), on three of its rows.
