@@ -108,7 +108,7 @@ def _assert_same_batches(xs: list[dict], ys: list[dict], pixels: int) -> None:
 
 @pytest.mark.parametrize("resampled", [True, False])
 def test_exact_resume_with_two_workers(tmp_path, resampled):
-    shards = write_test_shards(tmp_path / "s", videos=4, clips_per_video=3, shard_clips=2)     # 6 shards
+    write_test_shards(tmp_path / "s", videos=4, clips_per_video=3, shard_clips=2)     # 6 shards
     cfg = _cfg(tmp_path / "s", resampled=resampled)
     k, m = 5, 7                                   # 3 clips a batch: crosses the epoch end of each worker
     full = _take(build_loader(cfg, batch_size=3, next_views=2), k + m)    # with bootstrapping's fresh views
