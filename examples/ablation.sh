@@ -4,7 +4,7 @@
 #   preprocessed alike, then `abvid ablate` (every row x every seed; resumable: rerun to continue).
 #
 #   bash examples/ablation.sh OUT                       # SimCLR, the final table: corpus seed 0, seeds 0 1 2
-#   CONFIG=examples/configs/tiny_cpu_dino.yaml bash examples/ablation.sh OUT/dino
+#   bash examples/ablation.sh OUT/dino --set objective.name=dino          # the DINO family (extra args go to abvid ablate)
 #   CORPUS_SEED=100 SEEDS="100 101" bash examples/ablation.sh OUT/val     # the validation runs
 #
 # The protocol is fixed here, before results: 48 pretraining videos (toy-corpus seed CORPUS_SEED)
