@@ -337,9 +337,9 @@ def init_encoder_from(encoder: nn.Module, path: str | Path) -> str:
         if g_file * g_file != n_file or pos.shape[-1] != own["pos_embed"].shape[-1]:
             raise EncoderFileError(f"{path}: pos_embed {tuple(pos.shape)} is not a square grid plus a class token "
                                    f"of width {own['pos_embed'].shape[-1]}; cannot resize it to {tuple(own['pos_embed'].shape)}")
-        grid = pos[:, 1:].reshape(1, g_file, g_file, -1).permute(0, 3, 1, 2).float()
-        grid = torch.nn.functional.interpolate(grid, size=(g_own, g_own), mode="bicubic", align_corners=False)
-        state = {**state, "pos_embed": torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2).to(pos.dtype)], 1)}
+        from abvid.model.vit import resize_pos_embed
+        resized = resize_pos_embed(pos.float(), g_file, g_own, g_own).to(pos.dtype)
+        state = {**state, "pos_embed": resized}
         kind += f", position embedding resized from {g_file}x{g_file} to {g_own}x{g_own}"
     encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return f"{path} ({kind})"

@@ -160,10 +160,7 @@ class VisionTransformer(nn.Module):
         """Position embedding (1, 1 + gh*gw, D) for a gh x gw patch grid (bicubic resize of the stored grid)."""
         if gh == self.grid and gw == self.grid:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)   # (1, D, g, g)
-        patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
+        return resize_pos_embed(self.pos_embed, self.grid, gh, gw)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) -> tokens (B, 1 + N, D) after the final norm; token 0 is CLS."""
@@ -191,6 +188,14 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """CLS embedding, or class logits when built with ``num_classes > 0``."""
         return self.forward_head(self.forward_features(x))
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int, gh: int, gw: int) -> torch.Tensor:
+    """(1, 1 + grid*grid, D) class + square-grid position embedding -> (1, 1 + gh*gw, D), bicubic."""
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    patch_pos = patch_pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)          # (1, D, grid, grid)
+    patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", align_corners=False)
+    return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
 
 def vit_tiny(patch_size: int = 16, **kw) -> VisionTransformer:

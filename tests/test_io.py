@@ -221,6 +221,8 @@ def test_init_weights_from_timm_and_shape_errors(tmp_path):
             assert torch.allclose(enc.embed(x), vit((x - enc.mean) / enc.std), atol=1e-5, rtol=0)
     bigger = build_encoder(**{**kw, "img_size": 48})          # another grid: the position embedding is resized
     assert "resized from 4x4 to 6x6" in init_encoder_from(bigger, tmp_path / "timm.pth")
+    with torch.no_grad():                                     # as the 32 px encoder itself resizes for a 48 px input
+        assert torch.allclose(bigger.pos_embed, enc.pos_embed_for(6, 6), atol=1e-6, rtol=0)
     wider = build_encoder(**{**kw, "embed_dim": 96, "num_heads": 4})
     with pytest.raises(EncoderFileError, match=r"shapes differ.*embed_dim=64, depth=2, patch_size=8.*model.embed_dim"):
         init_encoder_from(wider, tmp_path / "timm.pth")
