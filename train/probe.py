@@ -168,22 +168,17 @@ def split_by_video(video_ids: list[str], test_fraction: float, seed: int,
     if len(videos) < 2:
         raise ProbeError(f"the labelled frames come from {len(videos)} video(s); a by-video split needs at least 2")
     rng = np.random.default_rng(seed)
-    if strata is None:
-        order = rng.permutation(len(videos))
-        n_test = min(max(1, round(test_fraction * len(videos))), len(videos) - 1)
-        test_videos = {videos[i] for i in order[:n_test]}
-    else:
-        groups: dict[str, list[str]] = {}
-        for v in videos:
-            groups.setdefault(strata.get(v, ""), []).append(v)
-        test_videos = set()
-        for _, group in sorted(groups.items()):
-            order = rng.permutation(len(group))
-            n_test = min(max(1, round(test_fraction * len(group))), len(group) - 1)
-            test_videos |= {group[i] for i in order[:n_test]}
-        if not test_videos:
-            raise ProbeError(f"each of the {len(groups)} classes occurs in one video only, so a by-video split "
-                             "cannot test a class it trained on; label at least two videos per class")
+    groups: dict[str, list[str]] = {}                   # without strata: one group of every video
+    for v in videos:
+        groups.setdefault((strata or {}).get(v, ""), []).append(v)
+    test_videos: set[str] = set()
+    for _, group in sorted(groups.items()):
+        order = rng.permutation(len(group))
+        n_test = min(max(1, round(test_fraction * len(group))), len(group) - 1)
+        test_videos |= {group[i] for i in order[:n_test]}
+    if not test_videos:
+        raise ProbeError(f"each of the {len(groups)} classes occurs in one video only, so a by-video split "
+                         "cannot test a class it trained on; label at least two videos per class")
     return np.array([v in test_videos for v in video_ids], dtype=bool)
 
 
