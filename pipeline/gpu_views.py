@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from abvid.pipeline.actions import AUG_FIELDS
-from abvid.pipeline.source import Stage, warn_skip
+from abvid.pipeline.source import SkipPolicy, Stage, warn_skip
 from abvid.pipeline.views import GREY_WEIGHTS, ViewConfig, Views, _YIQ, _YIQ_INV, pixel_box
 
 _A = {name: i for i, name in enumerate(AUG_FIELDS)}
@@ -77,13 +77,12 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise ValueError("JPEG without a start-of-frame header")
 
 
-def read_headers(on_skip: Callable[[str, str | None, str], None] | None = None) -> Stage:
+def read_headers(on_skip: SkipPolicy = warn_skip) -> Stage:
     """Stage (replaces decode_frames in bytes mode): "__sizes__" = {frame: (H, W)} of the frames the views use.
 
     A clip whose frame header is unreadable is skipped through ``on_skip`` (the loader's SkipLog: counted in
     ``data_skipped``, stops the run past ``data.max_bad_fraction``), as decode_frames does on the CPU path."""
     from abvid.pipeline.errors import UsageError
-    skip = on_skip or warn_skip
 
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
         for s in samples:
@@ -98,7 +97,7 @@ def read_headers(on_skip: Callable[[str, str | None, str], None] | None = None) 
             except ValueError as e:
                 if isinstance(e, UsageError):
                     raise
-                skip(s["__url__"], s["__key__"], f"frame header unreadable ({e})")
+                on_skip(s["__url__"], s["__key__"], f"frame header unreadable ({e})")
                 continue
             s["__sizes__"] = sizes
             yield s
