@@ -76,16 +76,13 @@ def embed(inputs: Sequence[str] | str, checkpoint: str | Path, out: str | Path, 
     ``checkpoint``: an exported .safetensors or a training checkpoint (its ``which`` encoder).
     ``size`` defaults to the encoder's ``img_size``; ``device="auto"`` picks CUDA when present.
     """
-    import torch
-
     from abvid.train.embed import embed_inputs
 
     encoder = load_encoder(checkpoint, map_location="cpu", which=which)
     size = size or int(encoder.encoder_kwargs.get("img_size", 224))
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     items = [inputs] if isinstance(inputs, str) else list(inputs)
-    return embed_inputs(items, out, encoder, fps=fps, size=size, batch_size=batch_size, device=dev, dtype=dtype,
-                        progress=progress)
+    return embed_inputs(items, out, encoder, fps=fps, size=size, batch_size=batch_size, device=device, dtype=dtype,
+                        progress=progress)             # embed_inputs resolves "auto" and refuses a missing GPU
 
 
 def probe(embeddings: str | Path, labels: str | Path, *, methods: Sequence[str] = ("linear", "knn"),

@@ -35,7 +35,6 @@ import torch.nn as nn
 from abvid.model.vit import DropPath
 from abvid.pipeline.actions import actions_between, pairwise_actions
 
-
 from .bootstrap import Encoded, bootstrap_loss, next_values
 
 # Parameter name endings that get no weight decay besides every 0-/1-d tensor (norms, biases, scales).
