@@ -232,7 +232,8 @@ def _embed_line(corpus: Path, dry: bool, cores: int, limit: float, prep: subproc
     """``abvid bench embed`` of ViT-S/16 with one decoder process per spare core on the toy corpus made here
     (issue 12: >= 0.8 of min(decode-only with the same workers, model-only)); its JSON line, as a paragraph."""
     if prep is not None and prep.wait() != 0 or not corpus.is_dir():
-        return "\nembed: no corpus to embed (toy-corpus failed)\n"
+        why = "toy-corpus failed" if prep is not None else "--shards given: the embed line needs the corpus made here"
+        return f"\nembed: no corpus to embed ({why})\n"
     workers = 2 if dry else max(1, cores - 2)
     arch, size, device = ("vit_tiny", 32, "cpu") if dry else ("vit_small", 224, "cuda")
     cmd = ["bench", "embed", str(corpus), "--arch", arch, "--size", str(size), "--workers", str(workers),
