@@ -13,15 +13,16 @@ Two kinds of scene:
   default: the probe's centre crop keeps it all), starting in three different quadrants and
   moving fast, with colours that drift fast,
   appearing and disappearing in segments; so two distant crops of one frame see different
-  objects. The frame's labels are the classes present. This is the corpus where invariance should fail, and the argument was written
-  down before any result on it was seen: an invariance method (SimCLR) pulls two views of a
+  objects. The frame's labels are the classes present. This is the corpus where invariance
+  should fail, and the argument was written down before any result on it was seen: an invariance method (SimCLR) pulls two views of a
   clip together whatever they show; when the views are distant crops holding different
   objects, the only features that agree across them are those of the clip as a whole (hue
   palette, noise statistics, which classes co-occur), not the shape in front of the crop,
   so the gradient teaches little about object identity and the crop-level features blur
   the three objects together. Annotation bootstrapping instead asks the features of one
   crop, given *where* another crop lies, to predict that crop's annotation: what is in one
-  part of the frame differs from what is in another, so the value head can only do this if the features keep each object apart and locate it. The prediction, written before the
+  part of the frame differs from what is in another, so the value head can only do this if
+  the features keep each object apart and locate it. The prediction, written before the
   runs: AB over its base method gains more on ``crowd`` than on ``shapes``, and the
   no-action-tokens ablation (Q blind to where the target is) loses that gain.
 
