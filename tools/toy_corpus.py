@@ -11,10 +11,10 @@ Two kinds of scene:
 * ``shapes`` (default): one to three large objects roaming the whole frame.
 * ``crowd``: three objects of distinct classes out of eight in a square frame (96x96 by
   default: the probe's centre crop keeps it all), starting in three different quadrants and
-  moving fast, with colours that drift fast,
-  appearing and disappearing in segments; so two distant crops of one frame see different
-  objects. The frame's labels are the classes present. This is the corpus where invariance
-  should fail, and the argument was written down before any result on it was seen: an invariance method (SimCLR) pulls two views of a
+  moving fast, with colours that drift fast, appearing and disappearing in segments; so
+  two distant crops of one frame see different objects. The frame's labels are the classes
+  present. This is the corpus where invariance should fail, and the argument was written
+  down before any result on it was seen: an invariance method (SimCLR) pulls two views of a
   clip together whatever they show; when the views are distant crops holding different
   objects, the only features that agree across them are those of the clip as a whole (hue
   palette, noise statistics, which classes co-occur), not the shape in front of the crop,
