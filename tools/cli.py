@@ -25,6 +25,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from pathlib import Path
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -132,7 +133,6 @@ def crash_log(command: str, argv: list[str]) -> Path:
     import platform
     import tempfile
     import time
-    import traceback
 
     folder = Path(os.environ.get("ABVID_LOG_DIR") or tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(fn(args) or 0)
     except AbvidError as e:          # expected failures: one line naming the culprit and the fix
         if debug:
-            import traceback
             traceback.print_exc()
         kind = "config error: " if isinstance(e, ConfigError) else ""
         print(f"abvid {command}: {kind}{one_line(e)}", file=sys.stderr)
@@ -169,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 -- anything else is a bug: one line, the traceback in a file
         if debug:
-            import traceback
             traceback.print_exc()
             print(f"abvid {command}: unexpected error (a bug in abvid): {type(e).__name__}: {one_line(e)}",
                   file=sys.stderr)
