@@ -29,6 +29,47 @@ def test_rows_pair_with_the_base_through_their_seeds():
     assert "P" in emb and probe[probe.index("--seed") + 1] == "0"
 
 
+def test_the_student_encoder_is_probed_into_files_of_its_own():
+    plan = Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out"), which="student")
+    _, emb, probe = commands(plan, "ab", 3)
+    assert emb[emb.index("--which") + 1] == "student" and emb[emb.index("--out") + 1].endswith("seed3/emb-student")
+    assert probe[probe.index("--embeddings") + 1].endswith("emb-student")
+    assert probe[probe.index("--out") + 1].endswith("seed3/probe-student.json")
+    _, emb_ema, probe_ema = commands(Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out")),
+                                     "ab", 3)
+    assert emb_ema[emb_ema.index("--which") + 1] == "ema" and probe_ema[-1].endswith("seed3/probe.json")
+    from abvid.pipeline.errors import UsageError
+    with pytest.raises(UsageError, match="one of ema, student"):
+        commands(Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out"), which="teacher"),
+                 "ab", 0)
+
+
+def test_a_trained_run_is_not_pretrained_again_for_the_other_encoder(tmp_path, monkeypatch):
+    import abvid.train.ablation as ablation
+    plan = Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=tmp_path, which="student")
+    run = plan.run_dir("ab", 0)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": 2}}))
+    (run / "checkpoints" / "ckpt-00000001.pt").write_bytes(b"")
+    called = []
+
+    def fake_run(cmd, stdout, stderr):
+        called.append(cmd[3])
+        if cmd[3] == "pretrain":           # the run finishes: its final checkpoint appears
+            (run / "checkpoints" / "ckpt-00000002.pt").write_bytes(b"")
+        if cmd[3] == "probe":
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"results": [{"method": "knn", "score": 0.5}]}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+    ablation.run_one(plan, "ab", 0, log=lambda m: None)           # step 1 of 2: pretrain resumes
+    assert called == ["pretrain", "embed", "probe"] and (run / "probe-student.json").is_file()
+    called.clear()
+    ablation.run_one(Plan(**{**plan.__dict__, "which": "ema"}), "ab", 0, log=lambda m: None)
+    assert called == ["embed", "probe"] and (run / "probe.json").is_file()      # trained: only embed and probe
+    assert (run / "embed.log").is_file() and (run / "embed-student.log").is_file()
+
+
 def test_table_means_stds_and_paired_differences():
     results = {"base": {0: {"linear": 0.50, "knn": 0.40}, 1: {"linear": 0.60, "knn": 0.50},
                         2: {"linear": 0.55, "knn": 0.45}},
@@ -71,6 +112,14 @@ def test_the_table_is_rebuilt_from_the_run_folders_alone(tmp_path):
     assert "| AB (gamma = 0) | 1 | 55.0 | 45.0 | +5.0 | +5.0 |" in md
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"]["ab"]["knn"]["diff_vs_base"]["n"] == 1 and (tmp_path / "table.md").read_text().startswith(md)
+    assert saved["encoder"] == "ema" and collect(tmp_path, "student") == {}    # no student probe yet
+    (tmp_path / "runs" / "ab" / "seed0" / "probe-student.json").write_text(
+        json.dumps({"results": [{"method": "linear", "score": 0.7}, {"method": "knn", "score": 0.3}]}))
+    assert collect(tmp_path, "student") == {"ab": {0: {"linear": 0.7, "knn": 0.3}}}
+    write_table(tmp_path, "student")
+    assert "student (online) encoder" in (tmp_path / "table-student.md").read_text()
+    assert json.loads((tmp_path / "results-student.json").read_text())["encoder"] == "student"
+    assert (tmp_path / "table.md").read_text().startswith(md)                 # the EMA table is left as it was
 
 
 def test_a_run_folder_of_other_settings_is_refused_not_reused(tmp_path):
@@ -122,4 +171,11 @@ def test_a_real_ablation_runs_probes_tabulates_and_skips_finished_runs(tmp_path)
     assert cfg_saved["train"]["seed"] == 1 and cfg_saved["data"]["seed"] == 1      # seeds recorded per run
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "4 runs already done, 0 to run" in again.stdout
+    # the student encoder of the same runs: nothing is trained again; neither row has a teacher of its own
+    # (base keeps none; random init's teacher is its untrained student), so the scores must be the same
+    pre_log = (tmp_path / "abl" / "runs" / "base" / "seed0" / "pretrain.log").read_text()
+    student = subprocess.run(cmd + ["--which", "student"], capture_output=True, text=True, timeout=300)
+    assert student.returncode == 0 and "0 runs already done, 4 to run" in student.stdout, student.stderr
+    assert (tmp_path / "abl" / "runs" / "base" / "seed0" / "pretrain.log").read_text() == pre_log
+    assert collect(tmp_path / "abl", "student") == collect(tmp_path / "abl")
     assert ROWS["base"][1] == ("objective.bootstrap=false",)

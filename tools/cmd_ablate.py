@@ -4,6 +4,7 @@
         --labels data/probe/annotations.csv --out ablation/simclr --seeds 0 1 2 --jobs 2
     abvid ablate ... --set objective.name=dino           # another annotation source, same rows
     abvid ablate --table-only --out ablation/simclr       # rebuild the table from the run folders
+    abvid ablate ... --which student                      # probe every run's student encoder as well
 
 Rows (--rows, default all): random (untrained init), base (the plain base method), ab (AB,
 gamma = 0), ab_gamma (AB, gamma = 0.5), ab_no_time (dt not in the action), ab_no_actions (Q blind
@@ -13,6 +14,12 @@ shards (which pretraining should not see), then `abvid probe` (linear and k-NN, 
 with --probe-seed). Finished runs (OUT/runs/ROW/seedK/probe.json) are not redone; an interrupted
 run resumes. Writes OUT/table.md and OUT/results.json (differences against the base method are
 per-seed paired: mean ± standard error).
+
+--which picks the encoder each run is probed through: ema (default) is the EMA teacher where a run
+has one (the AB rows) and the student where it has none (base, AB without target network);
+student is the online encoder of every run, the network the base method is probed through. A
+second call with the other --which reuses the trained runs and writes its own files
+(emb-student/, probe-student.json, table-student.md, results-student.json).
 
 Exit codes: 0 every run finished; 2 usage error; 3 some run failed (its log is named; the table
 holds the runs that finished).
@@ -42,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run (repeatable), e.g. --set objective.name=dino")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of the probe's by-video split (same for all runs)")
+    p.add_argument("--which", choices=("ema", "student"), default="ema",
+                   help="encoder to probe: ema = the EMA teacher where a run has one, else its student (default); "
+                        "student = every run's online encoder. Trained runs are reused; files are kept apart")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses the config's threads + workers)")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from finished run folders")
 
@@ -54,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     if args.table_only:
         if not (out / "runs").is_dir():
             raise UsageError(f"{out} holds no ablation runs (no {out / 'runs'} folder): run the ablation first")
-        print(write_table(out))
+        print(write_table(out, args.which))
         return EXIT_OK
     missing = [f for f, v in (("CONFIG.yaml", args.config), ("--shards", args.shards), ("--probe", args.probe),
                               ("--labels", args.labels)) if not v]
@@ -67,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     plan = Plan(config=args.config, shards=args.shards, probe=args.probe, labels=args.labels, out=out,
                 seeds=tuple(args.seeds), rows=tuple(args.rows), overrides=tuple(args.overrides),
-                probe_seed=args.probe_seed)
+                probe_seed=args.probe_seed, which=args.which)
     todo = [(r, s) for s in plan.seeds for r in plan.rows if not is_done(plan, r, s)]
     print(f"{len(plan.rows) * len(plan.seeds) - len(todo)} runs already done, {len(todo)} to run in {out}",
           flush=True)
@@ -80,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
             except RuntimeError as e:
                 failed.append(str(e))
                 print(f"failed: {e}", file=sys.stderr, flush=True)
-    print(write_table(out))
+    print(write_table(out, args.which))
     if failed:
         print(f"abvid ablate: {len(failed)} run(s) failed; rerun the same command to retry them", file=sys.stderr)
         return EXIT_FAILED

@@ -12,6 +12,13 @@ real CLI, so a run is what a user gets. A run folder is finished when its ``prob
 run folders alone (``--table-only``), and a rerun of the same command skips what is done and
 resumes what is not (pretrain resumes from its checkpoints).
 
+Which encoder of a run is probed (``Plan.which``): ``ema``, the default, embeds the EMA (teacher)
+encoder where the run has one and its student where it has none (plain SimCLR, CLIP, AB without a
+target network); ``student`` embeds the student (online) encoder of every run, the network the
+base method is probed through. The two are kept apart in the run folder (``emb`` / ``probe.json``
+and ``emb-student`` / ``probe-student.json``; tables ``table.md`` / ``table-student.md``), so one
+training run serves both and neither overwrites the other.
+
 The table (:func:`table`): per row and probe, the mean and sample standard deviation over seeds;
 per row, the mean of the per-seed paired differences against the base method and its standard
 error ``std(d) / sqrt(n)``; ``>2SE`` marks a difference larger than twice its standard error.
@@ -55,6 +62,7 @@ class Plan:
     rows: tuple[str, ...] = tuple(ROWS)
     overrides: tuple[str, ...] = ()          # for every run (e.g. objective.name=dino)
     probe_seed: int = 0                       # the by-video split of the probe (fixed across runs)
+    which: str = "ema"                        # encoder probed: "ema" (teacher where there is one) or "student"
 
     def run_dir(self, row: str, seed: int) -> Path:
         return self.out / "runs" / row / f"seed{seed}"
@@ -64,23 +72,39 @@ class Plan:
                 f"data.seed={seed}"]
 
 
+WHICH = ("ema", "student")
+
+
+def _suffix(which: str) -> str:
+    """'' for the EMA encoder (the original file names), '-student' for the student."""
+    if which not in WHICH:
+        raise UsageError(f"which encoder to probe: one of {', '.join(WHICH)}, got {which!r}")
+    return "" if which == "ema" else f"-{which}"
+
+
+def probe_file(run: Path, which: str = "ema") -> Path:
+    """The probe scores of one run folder for the chosen encoder."""
+    return run / f"probe{_suffix(which)}.json"
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "abvid.tools.cli", *args]
 
 
 def commands(plan: Plan, row: str, seed: int) -> list[list[str]]:
     """The three CLI calls of one run (pretrain, embed, probe), each resumable."""
-    run = plan.run_dir(row, seed)
+    run, sfx = plan.run_dir(row, seed), _suffix(plan.which)
     sets = [a for o in plan.run_overrides(row, seed) for a in ("--set", o)]
     return [_cli("pretrain", plan.config, "--out", str(run), *sets),
-            _cli("embed", "--checkpoint", str(run / "checkpoints"), plan.probe, "--out", str(run / "emb"),
-                 "--no-progress"),
-            _cli("probe", "--embeddings", str(run / "emb"), "--labels", plan.labels, "--method", *PROBES,
-                 "--seed", str(plan.probe_seed), "--out", str(run / "probe.json"))]
+            _cli("embed", "--checkpoint", str(run / "checkpoints"), plan.probe, "--out", str(run / f"emb{sfx}"),
+                 "--which", plan.which, "--no-progress"),
+            _cli("probe", "--embeddings", str(run / f"emb{sfx}"), "--labels", plan.labels, "--method", *PROBES,
+                 "--seed", str(plan.probe_seed), "--out", str(probe_file(run, plan.which)))]
 
 
 def is_done(plan: Plan, row: str, seed: int) -> bool:
-    """True when the run folder holds a finished run of this very plan (its probe.json exists).
+    """True when the run folder holds a finished run of this very plan (its probe file for
+    ``plan.which`` exists).
 
     A folder left by a run with other overrides, config or probe refuses: its numbers would be
     reported as this plan's.
@@ -95,7 +119,7 @@ def is_done(plan: Plan, row: str, seed: int) -> bool:
             raise UsageError(f"{run} holds a run with other settings ({', '.join(differs)}: "
                              f"{[meta.get(k) for k in differs]} vs {[want[k] for k in differs]}); use another --out, "
                              "or delete that run folder to redo it")
-    return (run / "probe.json").is_file()
+    return probe_file(run, plan.which).is_file()
 
 
 def _meta(plan: Plan, row: str, seed: int) -> dict:
@@ -108,34 +132,53 @@ def run_one(plan: Plan, row: str, seed: int, log=print) -> None:
     run = plan.run_dir(row, seed)
     run.mkdir(parents=True, exist_ok=True)
     (run / "ablation.json").write_text(json.dumps(_meta(plan, row, seed), indent=2) + "\n")
+    sfx, trained = _suffix(plan.which), _trained_checkpoint(run)
     for step, cmd in zip(("pretrain", "embed", "probe"), commands(plan, row, seed)):
+        if step == "pretrain" and trained is not None:
+            continue                               # finished before (probed through the other encoder)
         if step == "embed":                        # the newest checkpoint of the run
             ckpts = sorted((run / "checkpoints").glob("ckpt-*.pt"))
             if not ckpts:
                 raise RuntimeError(f"{run}: pretrain wrote no checkpoint")
             cmd[cmd.index(str(run / "checkpoints"))] = str(ckpts[-1])
-        with open(run / f"{step}.log", "w") as f:
+        # pretrain's log grows (a resumed or already finished run adds to it); embed/probe have one per encoder
+        log_path = run / ("pretrain.log" if step == "pretrain" else f"{step}{sfx}.log")
+        with open(log_path, "a" if step == "pretrain" else "w") as f:
             r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
         if r.returncode != 0:
             raise RuntimeError(f"{row} seed {seed}: `{' '.join(cmd[2:5])} ...` exited {r.returncode}; "
-                               f"see {run / (step + '.log')}")
-    log(f"done {row} seed {seed}: " + ", ".join(f"{m} {s:.3f}" for m, s in scores(run).items()))
+                               f"see {log_path}")
+    log(f"done {row} seed {seed}{sfx}: " + ", ".join(f"{m} {s:.3f}" for m, s in scores(run, plan.which).items()))
 
 
-def scores(run: Path) -> dict[str, float]:
-    """{probe method: score} of a finished run folder."""
-    data = json.loads((run / "probe.json").read_text())
+def _trained_checkpoint(run: Path) -> Path | None:
+    """The final checkpoint of a finished pretraining in ``run`` (its step = the saved config's train.steps)."""
+    import yaml
+
+    from abvid.train.checkpoint import ckpt_path
+
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    steps = int((yaml.safe_load(cfg_path.read_text()) or {}).get("train", {}).get("steps", -1))
+    path = ckpt_path(run / "checkpoints", steps) if steps >= 0 else None
+    return path if path is not None and path.is_file() else None
+
+
+def scores(run: Path, which: str = "ema") -> dict[str, float]:
+    """{probe method: score} of a finished run folder, for the chosen encoder."""
+    data = json.loads(probe_file(run, which).read_text())
     return {r["method"]: float(r["score"]) for r in data["results"]}
 
 
-def collect(out: Path) -> dict[str, dict[int, dict[str, float]]]:
+def collect(out: Path, which: str = "ema") -> dict[str, dict[int, dict[str, float]]]:
     """{row: {seed: {probe: score}}} from every finished run folder under ``out/runs`` (nothing else read)."""
     found: dict[str, dict[int, dict[str, float]]] = {}
     for meta_path in sorted((out / "runs").glob("*/seed*/ablation.json")):
         run = meta_path.parent
-        if (run / "probe.json").is_file():
+        if probe_file(run, which).is_file():
             meta = json.loads(meta_path.read_text())
-            found.setdefault(meta["row"], {})[int(meta["seed"])] = scores(run)
+            found.setdefault(meta["row"], {})[int(meta["seed"])] = scores(run, which)
     return found
 
 
@@ -188,11 +231,17 @@ def format_table(t: dict, scale: float = 100.0) -> str:
     return "\n".join(lines)
 
 
-def write_table(out: Path) -> str:
-    """Rebuild ``table.md`` and ``results.json`` in ``out`` from its run folders; returns the markdown."""
-    t = table(collect(out))
+def write_table(out: Path, which: str = "ema") -> str:
+    """Rebuild ``table.md`` and ``results.json`` (``table-student.md`` ... for the student encoder) in ``out``
+    from its run folders; returns the markdown."""
+    sfx = _suffix(which)
+    t = table(collect(out, which))
+    t["encoder"] = which
     md = format_table(t)
-    (out / "results.json").write_text(json.dumps(t, indent=2) + "\n")
-    (out / "table.md").write_text(md + "\n\nmean ± std over seeds; differences: mean ± standard error of the "
-                                  "per-seed paired differences against the base method (mAP points)\n")
+    encoder = ("the EMA (teacher) encoder where a run has one, else its student" if which == "ema"
+               else "the student (online) encoder of every run")
+    (out / f"results{sfx}.json").write_text(json.dumps(t, indent=2) + "\n")
+    (out / f"table{sfx}.md").write_text(md + "\n\nmean ± std over seeds; differences: mean ± standard error of "
+                                        "the per-seed paired differences against the base method (mAP points); "
+                                        f"probed: {encoder}\n")
     return md
