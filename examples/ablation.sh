@@ -10,7 +10,9 @@
 # The protocol is fixed here, before results: 48 pretraining videos (toy-corpus seed CORPUS_SEED)
 # and 48 probe videos (seed CORPUS_SEED + 1) per kind, 6 s at 12 fps; preprocess at 4 fps, 64 px,
 # clips of 8 frames; the probe embeds the probe corpus only (pretraining never sees it) and splits
-# it by video (30% test, split seed 0); linear and k-NN probes, mAP over the frame's labels.
+# it by video (30% test, split seed 0); linear and k-NN probes, mAP over the frame's labels; every
+# run is probed through its student (online) encoder (`--which ema` after the other args: the AB runs'
+# EMA encoders, the protocol before the fourth experiment in the README).
 # Settings chosen by trying were chosen on CORPUS_SEED=100 with SEEDS="100 101" (README); the
 # final tables use CORPUS_SEED=0 with SEEDS="0 1 2", run once after the choices were frozen.
 set -euo pipefail

@@ -22,16 +22,18 @@ CORPUS_SEED=$SEED SEEDS=$SEED ROWS="random base ab" bash examples/ablation.sh "$
 
 python - "$OUT" "$SEED" <<'PY'
 import json, sys
+from pathlib import Path
+from abvid.train.ablation import WHICH, probe_file
 out, seed = sys.argv[1], sys.argv[2]
 result = {}
 for kind in ("shapes", "crowd"):
     rows = {}
     for name in ("random", "base", "ab"):
-        probe = json.load(open(f"{out}/{kind}/runs/{name}/seed{seed}/probe.json"))["results"]
+        probe = json.loads(probe_file(Path(f"{out}/{kind}/runs/{name}/seed{seed}"), WHICH[0]).read_text())["results"]
         rows[name] = {r["method"]: r for r in probe}
     result[kind] = {n: {m: r["score"] for m, r in v.items()} for n, v in rows.items()}
     lin = rows["ab"]["linear"]
-    print(f"\n{kind}: probe on held-out videos ({lin['metric']}; chance {lin['chance']:.3f})")
+    print(f"\n{kind}: probe on held-out videos ({lin['metric']}; chance {lin['chance']:.3f}; {WHICH[0]} encoders)")
     print(f"{'encoder':22} {'linear':>8} {'k-NN':>8}")
     for n, title in [("random", "random init"), ("base", "base method (no AB)"), ("ab", "AB (bootstrapped)")]:
         print(f"{title:22} {rows[n]['linear']['score']:8.3f} {rows[n]['knn']['score']:8.3f}")

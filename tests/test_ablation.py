@@ -30,13 +30,13 @@ def test_rows_pair_with_the_base_through_their_seeds():
 
 
 def test_the_student_encoder_is_probed_into_files_of_its_own():
-    plan = Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out"), which="student")
+    plan = Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out"))     # student by default
     _, emb, probe = commands(plan, "ab", 3)
     assert emb[emb.index("--which") + 1] == "student" and emb[emb.index("--out") + 1].endswith("seed3/emb-student")
     assert probe[probe.index("--embeddings") + 1].endswith("emb-student")
     assert probe[probe.index("--out") + 1].endswith("seed3/probe-student.json")
-    _, emb_ema, probe_ema = commands(Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out")),
-                                     "ab", 3)
+    _, emb_ema, probe_ema = commands(Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out"),
+                                          which="ema"), "ab", 3)
     assert emb_ema[emb_ema.index("--which") + 1] == "ema" and probe_ema[-1].endswith("seed3/probe.json")
     from abvid.pipeline.errors import UsageError
     with pytest.raises(UsageError, match="one of ema, student"):
@@ -97,8 +97,8 @@ def _fake_run(out: Path, row: str, seed: int, linear: float, knn: float, finishe
     run.mkdir(parents=True)
     (run / "ablation.json").write_text(json.dumps({"row": row, "seed": seed}))
     if finished:
-        (run / "probe.json").write_text(json.dumps({"results": [{"method": "linear", "score": linear},
-                                                                {"method": "knn", "score": knn}]}))
+        (run / "probe-student.json").write_text(json.dumps({"results": [{"method": "linear", "score": linear},
+                                                                        {"method": "knn", "score": knn}]}))
 
 
 def test_the_table_is_rebuilt_from_the_run_folders_alone(tmp_path):
@@ -110,16 +110,18 @@ def test_the_table_is_rebuilt_from_the_run_folders_alone(tmp_path):
                                  "ab": {0: {"linear": 0.55, "knn": 0.45}}}
     md = write_table(tmp_path)
     assert "| AB (gamma = 0) | 1 | 55.0 | 45.0 | +5.0 | +5.0 |" in md
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["rows"]["ab"]["knn"]["diff_vs_base"]["n"] == 1 and (tmp_path / "table.md").read_text().startswith(md)
-    assert saved["encoder"] == "ema" and collect(tmp_path, "student") == {}    # no student probe yet
-    (tmp_path / "runs" / "ab" / "seed0" / "probe-student.json").write_text(
-        json.dumps({"results": [{"method": "linear", "score": 0.7}, {"method": "knn", "score": 0.3}]}))
-    assert collect(tmp_path, "student") == {"ab": {0: {"linear": 0.7, "knn": 0.3}}}
-    write_table(tmp_path, "student")
+    saved = json.loads((tmp_path / "results-student.json").read_text())
+    assert saved["rows"]["ab"]["knn"]["diff_vs_base"]["n"] == 1
+    assert (tmp_path / "table-student.md").read_text().startswith(md) and saved["encoder"] == "student"
     assert "student (online) encoder" in (tmp_path / "table-student.md").read_text()
-    assert json.loads((tmp_path / "results-student.json").read_text())["encoder"] == "student"
-    assert (tmp_path / "table.md").read_text().startswith(md)                 # the EMA table is left as it was
+    assert collect(tmp_path, "ema") == {}                            # no EMA probe yet
+    (tmp_path / "runs" / "ab" / "seed0" / "probe.json").write_text(
+        json.dumps({"results": [{"method": "linear", "score": 0.7}, {"method": "knn", "score": 0.3}]}))
+    assert collect(tmp_path, "ema") == {"ab": {0: {"linear": 0.7, "knn": 0.3}}}
+    write_table(tmp_path, "ema")
+    assert "EMA (teacher) encoder" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["encoder"] == "ema"
+    assert (tmp_path / "table-student.md").read_text().startswith(md)         # the student table is left as it was
 
 
 def test_a_run_folder_of_other_settings_is_refused_not_reused(tmp_path):
@@ -131,6 +133,9 @@ def test_a_run_folder_of_other_settings_is_refused_not_reused(tmp_path):
     (run / "ablation.json").write_text(json.dumps(_meta(plan, "ab", 0)))
     assert not is_done(plan, "ab", 0)                                 # same plan, unfinished: run it
     (run / "probe.json").write_text("{}")
+    assert not is_done(plan, "ab", 0)                                 # probed through the EMA encoder only
+    assert is_done(Plan(**{**plan.__dict__, "which": "ema"}), "ab", 0)
+    (run / "probe-student.json").write_text("{}")
     assert is_done(plan, "ab", 0)
     other = Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=tmp_path, overrides=("train.steps=5",))
     with pytest.raises(UsageError, match="holds a run with other settings \\(overrides"):
@@ -165,17 +170,17 @@ def test_a_real_ablation_runs_probes_tabulates_and_skips_finished_runs(tmp_path)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 runs already done, 4 to run" in r.stdout and "| base method | 2 |" in r.stdout
-    t = json.loads((tmp_path / "abl" / "results.json").read_text())
+    t = json.loads((tmp_path / "abl" / "results-student.json").read_text())
     assert set(t["rows"]) == {"random", "base"} and t["rows"]["random"]["knn"]["diff_vs_base"]["n"] == 2
     cfg_saved = yaml.safe_load((tmp_path / "abl" / "runs" / "base" / "seed1" / "config.yaml").read_text())
     assert cfg_saved["train"]["seed"] == 1 and cfg_saved["data"]["seed"] == 1      # seeds recorded per run
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "4 runs already done, 0 to run" in again.stdout
-    # the student encoder of the same runs: nothing is trained again; neither row has a teacher of its own
+    # the EMA encoder of the same runs: nothing is trained again; neither row has a teacher of its own
     # (base keeps none; random init's teacher is its untrained student), so the scores must be the same
     pre_log = (tmp_path / "abl" / "runs" / "base" / "seed0" / "pretrain.log").read_text()
-    student = subprocess.run(cmd + ["--which", "student"], capture_output=True, text=True, timeout=300)
-    assert student.returncode == 0 and "0 runs already done, 4 to run" in student.stdout, student.stderr
+    ema = subprocess.run(cmd + ["--which", "ema"], capture_output=True, text=True, timeout=300)
+    assert ema.returncode == 0 and "0 runs already done, 4 to run" in ema.stdout, ema.stderr
     assert (tmp_path / "abl" / "runs" / "base" / "seed0" / "pretrain.log").read_text() == pre_log
-    assert collect(tmp_path / "abl", "student") == collect(tmp_path / "abl")
+    assert collect(tmp_path / "abl", "ema") == collect(tmp_path / "abl")
     assert ROWS["base"][1] == ("objective.bootstrap=false",)
