@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", default=argparse.SUPPRESS,
                    help="exported encoder (.safetensors) or training checkpoint; required")
     p.add_argument("--which", choices=("ema", "student"), default="ema",
-                   help="encoder of a training checkpoint to use")
+                   help="encoder of a training checkpoint to use: ema (the teacher, if the run has one) or "
+                        "student (the online encoder; better after short runs, when the EMA still lags)")
     p.add_argument("--out", required=True, metavar="DIR", default=argparse.SUPPRESS, help="output folder; required")
     p.add_argument("--fps", type=float, default=4.0, help="frames per second sampled from videos (0 = every frame)")
     p.add_argument("--size", type=int, default=argparse.SUPPRESS,
