@@ -39,7 +39,7 @@ def test_the_student_encoder_is_probed_into_files_of_its_own():
                                           which="ema"), "ab", 3)
     assert emb_ema[emb_ema.index("--which") + 1] == "ema" and probe_ema[-1].endswith("seed3/probe.json")
     from abvid.pipeline.errors import UsageError
-    with pytest.raises(UsageError, match="one of ema, student"):
+    with pytest.raises(UsageError, match="one of student, ema"):
         commands(Plan(config="c.yaml", shards="S", probe="P", labels="L.csv", out=Path("out"), which="teacher"),
                  "ab", 0)
 
