@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", metavar="SHARDS", help="pretraining shards (data.shards of every run)")
     p.add_argument("--probe", metavar="INPUT", help="videos or shards to embed and probe (held out from --shards)")
     p.add_argument("--labels", metavar="FILE", help="labels of the probe videos (video,start_s,end_s,label)")
-    p.add_argument("--out", required=True, metavar="DIR", help="ablation folder (runs/, table-student.md, results-student.json)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="ablation folder (runs/, table-student.md, results-student.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run per row each")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
                    help=f"rows to run, of: {', '.join(ROWS)}")

@@ -17,7 +17,7 @@ Which encoder of a run is probed (``Plan.which``): ``student``, the default, emb
 through, so every row compares like with like; ``ema`` embeds the EMA (teacher) encoder where the
 run has one and its student where it has none (plain SimCLR, CLIP, AB without a target network).
 In a short run the EMA encoder lags: with momentum 0.99 -> 0.999 over 300 steps it is still 19%
-the random initialisation at the end, and probing it cost AB 4.9 mAP points summed over four
+the random initialisation at the end, and probing it cost AB 4.97 mAP points summed over four
 validation comparisons (README, "the fourth experiment"). The two are kept apart in the run folder
 (``emb`` / ``probe.json`` for ``ema``, ``emb-student`` / ``probe-student.json``; tables
 ``table.md`` / ``table-student.md``), so one training run serves both and neither overwrites the
@@ -75,8 +75,6 @@ class Plan:
     def run_overrides(self, row: str, seed: int) -> list[str]:
         return [f"data.shards={self.shards}", *self.overrides, *ROWS[row][1], f"train.seed={seed}",
                 f"data.seed={seed}"]
-
-
 
 
 def _suffix(which: str) -> str:
