@@ -152,6 +152,7 @@ def test_cli_usage_errors(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)       # many CLI subprocesses: pytest's 300 s default trips on a loaded machine
 def test_a_real_ablation_runs_probes_tabulates_and_skips_finished_runs(tmp_path):
     write_test_shards(tmp_path / "pre", videos=4, labels=("red", "blue"))
     write_test_shards(tmp_path / "probe", videos=6, labels=("red", "blue"))

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)       # many CLI subprocesses: pytest's 300 s default trips on a loaded machine
 def test_demo_script_runs_end_to_end(tmp_path):
     env = dict(os.environ, VIDEOS="6", STEPS="4",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
