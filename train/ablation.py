@@ -139,7 +139,8 @@ def run_one(plan: Plan, row: str, seed: int, log=print) -> None:
         if step == "pretrain" and trained is not None:
             continue                               # finished before (probed through the other encoder)
         if step == "embed":                        # the newest checkpoint of the run
-            ckpts = sorted((run / "checkpoints").glob("ckpt-*.pt"))
+            from abvid.train.checkpoint import list_checkpoints
+            ckpts = list_checkpoints(run / "checkpoints")
             if not ckpts:
                 raise RuntimeError(f"{run}: pretrain wrote no checkpoint")
             cmd[cmd.index(str(run / "checkpoints"))] = str(ckpts[-1])
