@@ -6,6 +6,7 @@ import torch
 
 import abvid.train.objectives.bootstrap as bootstrap_mod
 from abvid.model import ModelConfig, build_encoder, encoder_kwargs
+from abvid.model.heads import BatchNormAnyShape
 from abvid.pipeline.actions import AUG_DIM, actions_between, pairwise_actions
 from abvid.train.objectives import ObjectiveConfig, build_objective
 from abvid.train.objectives.base import encode
@@ -259,6 +260,15 @@ def test_clip_batch_without_texts_and_without_locals():
              time_s=b["time_s"][:, :2], aug=b["aug"][:, :2])
     loss, m = dino.loss(b)
     assert torch.isfinite(loss) and "loss_bootstrap" in m
+
+
+@pytest.mark.parametrize("name", ["simclr", "clip"])
+def test_proj_norm_reaches_the_image_projector(name):
+    # CLIP's projector once ignored objective.proj_norm and kept LayerNorm, with which SimCLR's collapses at lr 1e-3
+    for norm, kind in (("bn", BatchNormAnyShape), ("ln", torch.nn.LayerNorm), ("none", torch.nn.Identity)):
+        head = make(name, proj_norm=norm).student_head
+        mlp = (head.image if name == "clip" else head).mlp
+        assert type(mlp[1]) is kind, (name, norm, mlp)
 
 
 def test_clip_without_texts_warns():

@@ -58,7 +58,7 @@ class ObjectiveConfig:
     # SimCLR / CLIP
     proj_dim: int = 128
     proj_hidden_dim: int = 2048
-    proj_norm: Literal["none", "ln", "bn"] = "ln"  # SimCLR's projector norm (the SimCLR paper uses bn)
+    proj_norm: Literal["none", "ln", "bn"] = "ln"  # SimCLR's and CLIP's image projector norm (SimCLR paper: bn)
     simclr_temp: float = 0.1
     simclr_target_temp: float = 0.0     # temperature of SimCLR's bootstrap targets p(l | x'); 0 = simclr_temp
     clip_init_temp: float = 0.07
@@ -99,7 +99,8 @@ def build_objective(obj_cfg: ObjectiveConfig, model_cfg: ModelConfig,
             warnings.warn("clip objective built without data_info['texts']: the text vocabulary is empty, "
                           "every word goes to a hashed bucket", stacklevel=2)
         family = CLIPFamily()
-        head = CLIPHead(dim, build_vocab(texts), c.proj_dim, c.proj_hidden_dim, c.text_embed_dim, c.clip_init_temp)
+        head = CLIPHead(dim, build_vocab(texts), c.proj_dim, c.proj_hidden_dim, c.text_embed_dim, c.clip_init_temp,
+                        c.proj_norm)
         q_temp, ann_dim = c.clip_init_temp, c.proj_dim
     else:
         raise ValueError(f"unknown objective.name '{c.name}': expected dino, simclr or clip")

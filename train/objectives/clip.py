@@ -42,9 +42,9 @@ class CLIPHead(nn.Module):
     """Image projector + text encoder + learned logit scale; ``forward(h)`` embeds views (unit vectors)."""
 
     def __init__(self, in_dim: int, vocab: Sequence[str], out_dim: int = 128, hidden_dim: int = 2048,
-                 text_embed_dim: int = 256, init_temp: float = 0.07):
+                 text_embed_dim: int = 256, init_temp: float = 0.07, norm: str = "ln"):
         super().__init__()
-        self.image = ProjectionHead(in_dim, out_dim, hidden_dim)
+        self.image = ProjectionHead(in_dim, out_dim, hidden_dim, norm)
         self.text = TextEncoder(vocab, out_dim, text_embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temp)))
 
