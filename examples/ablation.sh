@@ -5,6 +5,7 @@
 #
 #   bash examples/ablation.sh OUT                       # SimCLR, the final table: corpus seed 0, seeds 0 1 2
 #   bash examples/ablation.sh OUT/dino --set objective.name=dino          # the DINO family (extra args go to abvid ablate)
+#   bash examples/ablation.sh OUT/clip --set objective.name=clip          # CLIP, the corpus' labels as captions
 #   CORPUS_SEED=100 SEEDS="100 101" bash examples/ablation.sh OUT/val     # the validation runs
 #
 # The protocol is fixed here, before results: 48 pretraining videos (toy-corpus seed CORPUS_SEED)
