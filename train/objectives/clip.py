@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from abvid.model.heads import ProjectionHead
+from abvid.model.heads import Norm, ProjectionHead
 from abvid.model.text import TextEncoder
 
 from .bootstrap import scored
@@ -42,7 +42,7 @@ class CLIPHead(nn.Module):
     """Image projector + text encoder + learned logit scale; ``forward(h)`` embeds views (unit vectors)."""
 
     def __init__(self, in_dim: int, vocab: Sequence[str], out_dim: int = 128, hidden_dim: int = 2048,
-                 text_embed_dim: int = 256, init_temp: float = 0.07, norm: str = "ln"):
+                 text_embed_dim: int = 256, init_temp: float = 0.07, norm: Norm = "ln"):
         super().__init__()
         self.image = ProjectionHead(in_dim, out_dim, hidden_dim, norm)
         self.text = TextEncoder(vocab, out_dim, text_embed_dim)
