@@ -13,9 +13,10 @@
 # clips of 8 frames; the probe embeds the probe corpus only (pretraining never sees it) and splits
 # it by video (30% test, split seed 0); linear and k-NN probes, mAP over the frame's labels; every
 # run is probed through its student (online) encoder (`--which ema` after the other args: the AB runs'
-# EMA encoders, the protocol before the fourth experiment in the README).
-# Settings chosen by trying were chosen on CORPUS_SEED=100 with SEEDS="100 101" (README); the
-# final tables use CORPUS_SEED=0 with SEEDS="0 1 2", run once after the choices were frozen.
+# EMA encoders, the protocol before the fourth experiment in docs/EXPERIMENTS.md).
+# Settings chosen by trying were chosen on CORPUS_SEED=100 with SEEDS="100 101" (docs/EXPERIMENTS.md); the
+# first tables use CORPUS_SEED=0 with SEEDS="0 1 2", run once after the choices were frozen; every later
+# experiment runs once on fresh ones (README: CORPUS_SEED 200 to 800).
 set -euo pipefail
 OUT=${1:?usage: bash examples/ablation.sh OUT [--set KEY=VALUE ...]}
 shift                                   # the rest goes to abvid ablate (e.g. --set objective.name=dino)

@@ -20,8 +20,8 @@ per action, 5 without time. The place fields are encoded in one of two ways
   design) a bin is half a source box wide, so a local crop inside a global view
   falls into about 2 bins per axis: Q knows the quadrant, not the place.
 
-The choice between them was made on validation runs (README, "Choosing the place
-encoding"). With ``action_tokens=False`` every action becomes the same learned mask
+The choice between them was made on validation runs (docs/EXPERIMENTS.md, "Choices
+made on validation"). With ``action_tokens=False`` every action becomes the same learned mask
 tokens, so ``Q`` no longer depends on the action (the paper's invariant ablation).
 
 Decoder (``ValueDecoder``): ``depth`` pre-norm layers of self-attention among a

@@ -18,7 +18,7 @@ against the base method are per-seed paired: mean ± standard error).
 --which picks the encoder each run is probed through: student (default) is the online encoder of
 every run, the network the base method is probed through; ema is the EMA teacher where a run has
 one (the AB rows) and the student where it has none (base, AB without target network). In short
-runs the EMA encoder lags the student (README, "Does annotation bootstrapping earn its place?").
+runs the EMA encoder lags the student (docs/EXPERIMENTS.md, "the fourth experiment").
 A second call with the other --which reuses the trained runs and writes its own files
 (emb/, probe.json, table.md, results.json for ema).
 

@@ -18,7 +18,7 @@ through, so every row compares like with like; ``ema`` embeds the EMA (teacher) 
 run has one and its student where it has none (plain SimCLR, CLIP, AB without a target network).
 In a short run the EMA encoder lags: with momentum 0.99 -> 0.999 over 300 steps it is still 19%
 the random initialisation at the end, and probing it cost AB 4.97 mAP points summed over four
-validation comparisons (README, "the fourth experiment"). The two are kept apart in the run folder
+validation comparisons (docs/EXPERIMENTS.md, "the fourth experiment"). The two are kept apart in the run folder
 (``emb`` / ``probe.json`` for ``ema``, ``emb-student`` / ``probe-student.json``; tables
 ``table.md`` / ``table-student.md``), so one training run serves both and neither overwrites the
 other.
