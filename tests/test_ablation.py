@@ -142,6 +142,31 @@ def test_a_run_folder_of_other_settings_is_refused_not_reused(tmp_path):
         is_done(other, "ab", 0)
 
 
+def test_a_finished_run_of_an_edited_config_file_is_refused(tmp_path):
+    """The same config path with other settings (the file edited since) must not pass a finished run off as
+    this plan's; a change that does not alter what a run learns (logging) leaves it finished."""
+    from abvid.pipeline.config import load_config, to_dict
+    from abvid.pipeline.errors import UsageError
+    from abvid.train.ablation import _meta, is_done
+    from abvid.train.config import PretrainConfig
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"lr": 1e-3, "log_every": 10}}))
+    plan = Plan(config=str(cfg), shards="S", probe="P", labels="L.csv", out=tmp_path / "abl")
+    run = plan.run_dir("ab", 0)
+    run.mkdir(parents=True)
+    (run / "ablation.json").write_text(json.dumps(_meta(plan, "ab", 0)))
+    saved = to_dict(load_config(PretrainConfig, str(cfg), plan.run_overrides("ab", 0)))
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))          # what pretrain saves
+    (run / "probe-student.json").write_text("{}")
+    assert is_done(plan, "ab", 0)
+    cfg.write_text(yaml.safe_dump({"train": {"lr": 1e-3, "log_every": 5}}))
+    assert is_done(plan, "ab", 0)                                      # logging only: still this plan's run
+    cfg.write_text(yaml.safe_dump({"train": {"lr": 5e-4, "log_every": 10}}))
+    with pytest.raises(UsageError, match=r"trained with other settings than .*c\.yaml now gives it "
+                                         r"\(train\.lr: 0\.001 -> 0\.0005\)"):
+        is_done(plan, "ab", 0)
+
+
 def test_cli_usage_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "abvid.tools.cli", "ablate", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=60)
@@ -184,4 +209,8 @@ def test_a_real_ablation_runs_probes_tabulates_and_skips_finished_runs(tmp_path)
     assert ema.returncode == 0 and "0 runs already done, 4 to run" in ema.stdout, ema.stderr
     assert (tmp_path / "abl" / "runs" / "base" / "seed0" / "pretrain.log").read_text() == pre_log
     assert collect(tmp_path / "abl", "ema") == collect(tmp_path / "abl")
+    cfg["train"]["lr"] = 1e-4              # the same file, edited: its finished runs are not this plan's any more
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    edited = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert edited.returncode == 2 and "train.lr" in edited.stderr, edited.stdout + edited.stderr
     assert ROWS["base"][1] == ("objective.bootstrap=false",)

@@ -109,7 +109,8 @@ def is_done(plan: Plan, row: str, seed: int) -> bool:
     ``plan.which`` exists).
 
     A folder left by a run with other overrides, config or probe refuses: its numbers would be
-    reported as this plan's.
+    reported as this plan's. So does a run whose saved ``config.yaml`` differs from what the config
+    file now gives it (the file was edited since: same path, other settings).
     """
     run = plan.run_dir(row, seed)
     meta_path = run / "ablation.json"
@@ -121,7 +122,30 @@ def is_done(plan: Plan, row: str, seed: int) -> bool:
             raise UsageError(f"{run} holds a run with other settings ({', '.join(differs)}: "
                              f"{[meta.get(k) for k in differs]} vs {[want[k] for k in differs]}); use another --out, "
                              "or delete that run folder to redo it")
+        changed = _config_changes(plan, row, seed)
+        if changed:
+            raise UsageError(f"{run} was trained with other settings than {plan.config} now gives it "
+                             f"({'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}); use another "
+                             "--out, or delete that run folder to redo it")
     return probe_file(run, plan.which).is_file()
+
+
+def _config_changes(plan: Plan, row: str, seed: int) -> list[str]:
+    """'key: saved -> now' for every learning setting in which the run's saved config.yaml differs from the
+    config this plan gives it today ([] when the run has not saved one yet)."""
+    saved_path = plan.run_dir(row, seed) / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    import yaml
+
+    from abvid.pipeline.config import load_config, to_dict
+    from abvid.train.config import PretrainConfig
+    from abvid.train.loop import SAFE_TO_CHANGE, config_diff
+    # what a resume may change minus what the table depends on: the length, and the data (via the overrides)
+    bookkeeping = set(SAFE_TO_CHANGE) - {"train.steps", "data.shards"}
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = to_dict(load_config(PretrainConfig, plan.config, plan.run_overrides(row, seed)))
+    return [d for d in config_diff(saved, now) if d.split(":")[0] not in bookkeeping]
 
 
 def _meta(plan: Plan, row: str, seed: int) -> dict:
