@@ -3,7 +3,8 @@
 #   for each corpus kind (shapes, crowd): a pretraining corpus and a disjoint probe corpus,
 #   preprocessed alike, then `abvid ablate` (every row x every seed; resumable: rerun to continue).
 #
-#   bash examples/ablation.sh OUT                       # SimCLR, the final table: corpus seed 0, seeds 0 1 2
+#   bash examples/ablation.sh OUT                       # SimCLR on the first table's corpora: corpus seed 0, seeds 0 1 2
+#   CORPUS_SEED=800 SEEDS="800 801 802" bash examples/ablation.sh OUT   # the latest table (README)
 #   bash examples/ablation.sh OUT/dino --set objective.name=dino          # the DINO family (extra args go to abvid ablate)
 #   bash examples/ablation.sh OUT/clip --set objective.name=clip          # CLIP, the corpus' labels as captions
 #   CORPUS_SEED=100 SEEDS="100 101" bash examples/ablation.sh OUT/val     # the validation runs
