@@ -8,9 +8,10 @@
 #   bash examples/ablation.sh OUT/dino --set objective.name=dino          # the DINO family (extra args go to abvid ablate)
 #   bash examples/ablation.sh OUT/clip --set objective.name=clip          # CLIP, the corpus' labels as captions
 #   CORPUS_SEED=100 SEEDS="100 101" bash examples/ablation.sh OUT/val     # the validation runs
+#   VIDEOS=192 PROBE_VIDEOS=48 bash examples/ablation.sh OUT/big          # 4x the pretraining videos, same probe
 #
-# The protocol is fixed here, before results: 48 pretraining videos (toy-corpus seed CORPUS_SEED)
-# and 48 probe videos (seed CORPUS_SEED + 1) per kind, 6 s at 12 fps; preprocess at 4 fps, 64 px,
+# The protocol is fixed here, before results: VIDEOS=48 pretraining videos (toy-corpus seed CORPUS_SEED)
+# and PROBE_VIDEOS=VIDEOS probe videos (seed CORPUS_SEED + 1) per kind, 6 s at 12 fps; preprocess at 4 fps, 64 px,
 # clips of 8 frames; the probe embeds the probe corpus only (pretraining never sees it) and splits
 # it by video (30% test, split seed 0); linear and k-NN probes, mAP over the frame's labels; every
 # run is probed through its student (online) encoder (`--which ema` after the other args: the AB runs'
@@ -28,16 +29,23 @@ KINDS=${KINDS:-shapes crowd}
 ROWS=${ROWS:-random base ab ab_gamma ab_no_time ab_no_actions ab_no_target}
 JOBS=${JOBS:-1}
 VIDEOS=${VIDEOS:-48}
+PROBE_VIDEOS=${PROBE_VIDEOS:-$VIDEOS}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 mkdir -p "$OUT"
 data=${DATA:-$OUT/data}
 for kind in $KINDS; do
   for part in pretrain probe; do
-    seed=$CORPUS_SEED; [ "$part" = probe ] && seed=$((CORPUS_SEED + 1))
+    seed=$CORPUS_SEED; videos=$VIDEOS
+    [ "$part" = probe ] && seed=$((CORPUS_SEED + 1)) && videos=$PROBE_VIDEOS
     dir="$data/$kind-$seed"
     if [ ! -f "$dir/corpus/annotations.csv" ]; then
-      abvid toy-corpus "$dir/corpus" --kind "$kind" --videos "$VIDEOS" --seed "$seed"
+      abvid toy-corpus "$dir/corpus" --kind "$kind" --videos "$videos" --seed "$seed"
+    fi
+    have=$(find "$dir/corpus" -maxdepth 1 -name 'toy_*.mp4' | wc -l)
+    if [ "$have" -ne "$videos" ]; then    # a corpus made with another count: its shards would be silently reused
+      echo "error: $dir/corpus holds $have videos, not the $videos asked for; use another DATA (or OUT), or delete $dir" >&2
+      exit 2
     fi
     abvid preprocess "$dir/corpus" --out "$dir/shards" --annotations "$dir/corpus/annotations.csv" \
         --fps 4 --size 64 --clip-len 8 --shard-clips 16 --no-progress > "$dir/preprocess.log"

@@ -37,3 +37,17 @@ def test_demo_script_runs_end_to_end(tmp_path):
             assert len(manifest) == 6 and all(json.loads(row)["status"] == "ok" for row in manifest)
     # (a rerun with other settings redoes the runs: demo.sh removes them first, and `abvid ablate` refuses a
     # run folder made with other settings, tests/test_ablation.py)
+
+
+def test_ablation_script_refuses_a_corpus_made_with_another_video_count(tmp_path):
+    """A corpus folder made with another VIDEOS would have its shards reused under the new count's name."""
+    env = dict(os.environ, VIDEOS="2", KINDS="shapes", ROWS="random", SEEDS="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    corpus = tmp_path / "data" / "shapes-0" / "corpus"
+    subprocess.run([sys.executable, "-m", "abvid.tools.cli", "toy-corpus", str(corpus), "--videos", "1",
+                    "--seconds", "1", "--seed", "0"], check=True, capture_output=True, cwd=ROOT, env=env)
+    r = subprocess.run(["bash", str(ROOT / "examples" / "ablation.sh"), str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"{corpus} holds 1 videos, not the 2 asked for" in r.stderr
+    assert not (tmp_path / "data" / "shapes-0" / "shards").exists()      # stopped before preprocessing
