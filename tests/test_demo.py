@@ -1,6 +1,6 @@
 """`make demo`'s pipeline end to end on a tiny budget: both toy corpora -> preprocess -> pretrain
 (random, base, AB) -> embed the probe corpus -> probe, through examples/demo.sh, examples/ablation.sh,
-`abvid ablate` and the real CLI."""
+`abvid ablate` and the real CLI; and the other example scripts (ablation.sh's guard, supervised_ceiling.py)."""
 import json
 import os
 import subprocess
@@ -51,3 +51,37 @@ def test_ablation_script_refuses_a_corpus_made_with_another_video_count(tmp_path
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"{corpus} holds 1 videos, not the 2 asked for" in r.stderr
     assert not (tmp_path / "data" / "shapes-0" / "shards").exists()      # stopped before preprocessing
+
+
+def _supervised_ceiling():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("supervised_ceiling", ROOT / "examples" / "supervised_ceiling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_supervised_ceiling_writes_an_encoder_that_embed_reads(tmp_path, capsys):
+    import torch
+    from conftest import write_test_shards
+    from abvid.model import build_encoder, load_encoder
+    shards = tmp_path / "shards"
+    write_test_shards(shards, videos=2, clips_per_video=2, labels=("red", "blue"))
+    sup = _supervised_ceiling()
+    frames, labels = sup.labelled_frames(str(shards))
+    assert len(frames) == 2 * 2 * 8 and {frozenset(s) for s in labels} == {frozenset({"red"}), frozenset({"blue"})}
+    out = tmp_path / "sup.safetensors"
+    assert sup.main([str(ROOT / "examples/configs/tiny_cpu.yaml"), "--shards", str(shards), "--out", str(out),
+                     "--steps", "3", "--batch-size", "4", "--threads", "1"]) == 0
+    assert "2 classes: blue, red" in capsys.readouterr().out
+    enc = load_encoder(out)
+    assert enc.embed(torch.zeros(1, 3, 48, 48)).shape == (1, 128)            # tiny_cpu.yaml's encoder
+    torch.manual_seed(0)
+    init = build_encoder(**enc.encoder_kwargs).state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in enc.state_dict().items())   # it trained
+
+
+def test_supervised_ceiling_refuses_a_folder_without_shards(tmp_path):
+    sup = _supervised_ceiling()
+    with pytest.raises(SystemExit, match="no .tar shards in"):
+        sup.labelled_frames(str(tmp_path))
