@@ -15,7 +15,8 @@ bytes costs I/O, not JPEG decoding.
 Shard specs (``expand_shards``): a local ``.tar`` path, a folder (its ``*.tar``
 files, sorted; ``.tar.tmp`` leftovers of an interrupted write are ignored), a
 glob, a brace pattern (``/data/shard-{000000..000099}.tar``), an http(s) URL
-(opened through ``webdataset.gopen``, i.e. curl), or several of these joined by
+(streamed by the standard library: no curl binary needed; opening retries on
+connection errors, 429 and 5xx, a 404 fails at once naming the status), or several of these joined by
 ``::`` or given as a list. ``pipe:`` URLs run a shell command, so they are
 refused unless the caller passes ``allow_pipe=True``.
 
@@ -61,6 +62,9 @@ SkipPolicy = Callable[[str, "str | None", str], None]     # on_skip(url, key or 
 MIN_BAD_TO_STOP = 10
 
 URL_SCHEMES = ("http://", "https://")
+HTTP_TIMEOUT_S = 60.0        # per socket operation (connect, each read)
+HTTP_OPEN_ATTEMPTS = 5       # opening an http(s) shard: tries on connection errors, 429 and 5xx
+HTTP_BACKOFF_S = 1.0         # first wait between tries; doubles, at most 8 s
 SHARD_SUFFIX = ".tar"
 
 
@@ -187,12 +191,41 @@ def epoch_shards(urls: Sequence[str], *, epoch: int, seed: int, rank: int, world
 
 
 def open_shard(url: str, allow_pipe: bool = False) -> IO[bytes]:
-    """A readable byte stream of a shard: local file, or http(s)/pipe: through webdataset.gopen."""
+    """A readable byte stream of a shard: local file, http(s) (``_open_http``), or pipe: (webdataset.gopen)."""
     _check_url(url, allow_pipe)
-    if url.startswith(URL_SCHEMES) or url.startswith("pipe:"):
+    if url.startswith(URL_SCHEMES):
+        return _open_http(url)
+    if url.startswith("pipe:"):
         from webdataset.gopen import gopen
         return gopen(url, "rb")
     return open(url[len("file://"):] if url.startswith("file://") else url, "rb")
+
+
+def _open_http(url: str) -> IO[bytes]:
+    """The response stream of an http(s) shard, through urllib (no external binary). Opening is retried
+    (``HTTP_OPEN_ATTEMPTS``, backoff from ``HTTP_BACKOFF_S``) on connection errors, timeouts, 429 and 5xx;
+    any other HTTP status fails at once. Failures are OSErrors naming the URL and the status or reason, so
+    the error policy reports them like a broken local shard. A stream that breaks after bytes arrived is
+    not retried: the tar reader reports the rest of that shard as skipped."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    request, attempt = urllib.request.Request(url, headers={"User-Agent": "abvid"}), 0
+    while True:
+        attempt += 1
+        try:
+            return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code != 429 and e.code < 500:
+                raise OSError(f"HTTP {e.code} {e.reason} for {url}") from None
+            why = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, OSError) as e:
+            why = str(getattr(e, "reason", e))
+        if attempt == HTTP_OPEN_ATTEMPTS:
+            raise OSError(f"cannot open {url} after {attempt} tries: {why}")
+        time.sleep(min(HTTP_BACKOFF_S * 2 ** (attempt - 1), 8.0))
 
 
 class _Counting:

@@ -1,8 +1,11 @@
 """Shard sources: expansion, pipe: policy, split by rank/worker, tar reading, grouping, shuffle, bad tars."""
 from __future__ import annotations
 
+import functools
+import http.server
 import shutil
 import tarfile
+import threading
 import warnings
 
 import numpy as np
@@ -144,29 +147,61 @@ def test_source_stages_in_two_worker_dataloader(test_shards):
     assert {w for _, w in rows} == {0, 1}
 
 
-def test_http_shards_read_through_webdataset(test_shards):
-    import functools
-    import http.server
-    import threading
-    if shutil.which("curl") is None:
-        pytest.skip("webdataset opens http(s) URLs with curl, which is not installed")
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
+class _Shards(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; the first ``fail_first`` requests of a run get ``fail_status`` instead."""
+    fail_first, fail_status, requests = 0, 503, 0
 
-    handler = functools.partial(Quiet, directory=str(test_shards[0].parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def do_GET(self) -> None:
+        type(self).requests += 1
+        if type(self).requests <= type(self).fail_first:
+            self.send_error(type(self).fail_status)
+            return
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def http_shards(test_shards):
+    """(base URL of a local http server over the test shards, its handler class)."""
+    handler = type("Handler", (_Shards,), {})
+    serve = functools.partial(handler, directory=str(test_shards[0].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), serve)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}/shard-{{000000..000002}}.tar"
-        urls = expand_shards(url)
-        keys = [s["__key__"] for s in group_samples()(tar_members()(urls))]
-        missing = f"http://127.0.0.1:{server.server_port}/shard-000009.tar"
-        with pytest.warns(SampleSkipped, match=f"shard {missing}: tar stream broken"):
-            assert list(tar_members()([missing])) == []
+        yield f"http://127.0.0.1:{server.server_port}", handler
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def test_http_shards_stream_without_an_external_binary(http_shards, monkeypatch):
+    base, _ = http_shards
+    monkeypatch.setenv("PATH", "/nonexistent")          # no curl: the standard library streams the shards
+    urls = expand_shards(f"{base}/shard-{{000000..000002}}.tar")
+    keys = [s["__key__"] for s in group_samples()(tar_members()(urls))]
     assert len(urls) == 3 and sorted(keys) == sorted(f"vid{v:03d}_deadbeef-{c:06d}" for v in range(4) for c in range(3))
+    missing = f"{base}/shard-000009.tar"                 # a 404 fails at once, naming the status
+    with pytest.warns(SampleSkipped, match=f"shard {missing}: tar stream broken at the start "
+                                           r"\(OSError: HTTP 404 .* for " + missing):
+        assert list(tar_members()([missing])) == []
+    with pytest.raises(tarfile.ReadError, match="HTTP 404"):
+        list(tar_members(strict=True)([missing]))
+
+
+def test_http_shard_open_retries_on_503_then_reads(http_shards, monkeypatch):
+    import abvid.pipeline.source as source
+    base, handler = http_shards
+    monkeypatch.setattr(source, "HTTP_BACKOFF_S", 0.0)
+    handler.fail_first = source.HTTP_OPEN_ATTEMPTS - 1
+    members = list(tar_members(strict=True)([f"{base}/shard-000000.tar"]))
+    assert members and handler.requests == source.HTTP_OPEN_ATTEMPTS       # every try but the last got a 503
+    handler.requests, handler.fail_first = 0, source.HTTP_OPEN_ATTEMPTS     # one more 503 than tries: give up
+    with pytest.raises(tarfile.ReadError, match=f"cannot open {base}/shard-000000.tar after "
+                                                f"{source.HTTP_OPEN_ATTEMPTS} tries: HTTP 503"):
+        list(tar_members(strict=True)([f"{base}/shard-000000.tar"]))
+    assert handler.requests == source.HTTP_OPEN_ATTEMPTS
 
 
 def test_skiplog_counts_logs_once_per_shard_and_fault_and_stops_past_the_fraction():
