@@ -16,7 +16,8 @@ Shard specs (``expand_shards``): a local ``.tar`` path, a folder (its ``*.tar``
 files, sorted; ``.tar.tmp`` leftovers of an interrupted write are ignored), a
 glob, a brace pattern (``/data/shard-{000000..000099}.tar``), an http(s) URL
 (streamed by the standard library: no curl binary needed; opening retries on
-connection errors, 429 and 5xx, a 404 fails at once naming the status), or several of these joined by
+connection errors, 429 and 5xx, a 404 fails at once naming the status, and a
+dropped connection resumes with a Range request), or several of these joined by
 ``::`` or given as a list. ``pipe:`` URLs run a shell command, so they are
 refused unless the caller passes ``allow_pipe=True``.
 
@@ -202,16 +203,21 @@ def open_shard(url: str, allow_pipe: bool = False) -> IO[bytes]:
 
 
 def _open_http(url: str) -> IO[bytes]:
-    """The response stream of an http(s) shard, through urllib (no external binary). Opening is retried
-    (``HTTP_OPEN_ATTEMPTS``, backoff from ``HTTP_BACKOFF_S``) on connection errors, timeouts, 429 and 5xx;
-    any other HTTP status fails at once. Failures are OSErrors naming the URL and the status or reason, so
-    the error policy reports them like a broken local shard. A stream that breaks after bytes arrived is
-    not retried: the tar reader reports the rest of that shard as skipped."""
+    """The body of an http(s) shard as a readable stream (``_HttpStream``), through urllib: no external binary."""
+    return _HttpStream(url)
+
+
+def _http_response(url: str, start: int = 0):
+    """urlopen(url) from byte ``start`` (a Range request when > 0). Opening is retried (``HTTP_OPEN_ATTEMPTS``,
+    backoff from ``HTTP_BACKOFF_S``) on connection errors, timeouts, 429 and 5xx; any other HTTP status fails at
+    once. Failures are OSErrors naming the URL and the status or reason, so the error policy reports them
+    like a broken local shard."""
     import time
     import urllib.error
     import urllib.request
 
-    request, attempt = urllib.request.Request(url, headers={"User-Agent": "abvid"}), 0
+    headers = {"User-Agent": "abvid"} | ({"Range": f"bytes={start}-"} if start else {})
+    request, attempt = urllib.request.Request(url, headers=headers), 0
     while True:
         attempt += 1
         try:
@@ -226,6 +232,61 @@ def _open_http(url: str) -> IO[bytes]:
         if attempt == HTTP_OPEN_ATTEMPTS:
             raise OSError(f"cannot open {url} after {attempt} tries: {why}")
         time.sleep(min(HTTP_BACKOFF_S * 2 ** (attempt - 1), 8.0))
+
+
+class _HttpStream:
+    """An http(s) body that survives a dropped connection: where the body stops short of its Content-Length
+    (or the connection errors), it reopens from that byte with a Range request, up to ``HTTP_OPEN_ATTEMPTS``
+    times per shard, so a transient drop costs a reconnect, not the rest of the shard, and the bytes read are
+    exactly the file's (resume stays exact). A server that ignores ranges, or a body still short after the
+    tries, raises OSError: never a silently truncated shard."""
+
+    def __init__(self, url: str):
+        self.url, self.pos, self.resumes = url, 0, 0
+        self.resp = _http_response(url)
+        length = self.resp.headers.get("Content-Length")
+        self.length = int(length) if length and length.isdigit() else None
+
+    def read(self, n: int = -1) -> bytes:
+        import http.client
+
+        while True:
+            try:
+                data = self.resp.read(n) if n is not None and n >= 0 else self.resp.read()
+                error = None
+            except (OSError, http.client.HTTPException) as e:
+                data, error = b"", e
+            if data or n == 0:
+                self.pos += len(data)
+                return data
+            if self.length is None or self.pos >= self.length:     # the end (or no length to check against)
+                if error is not None:
+                    raise OSError(f"{self.url}: connection broke at byte {self.pos} "
+                                  f"({type(error).__name__}: {error})") from error
+                return b""
+            self._resume(error)
+
+    def _resume(self, error: BaseException | None) -> None:
+        why = f"{type(error).__name__}: {error}" if error is not None else "the body ended early"
+        if self.resumes >= HTTP_OPEN_ATTEMPTS:
+            raise OSError(f"{self.url}: body short at byte {self.pos} of {self.length} after {self.resumes} "
+                          f"resumes ({why})")
+        self.resumes += 1
+        self.resp.close()
+        self.resp = _http_response(self.url, start=self.pos)
+        got = self.resp.headers.get("Content-Range", "")
+        if self.resp.status != 206 or not got.startswith(f"bytes {self.pos}-"):
+            raise OSError(f"{self.url}: connection broke at byte {self.pos} of {self.length} ({why}) and the "
+                          f"server does not resume it (HTTP {self.resp.status}, Content-Range {got!r})")
+
+    def close(self) -> None:
+        self.resp.close()
+
+    def __enter__(self) -> "_HttpStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _Counting:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import shutil
+import socket
 import tarfile
 import threading
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -148,15 +151,41 @@ def test_source_stages_in_two_worker_dataloader(test_shards):
 
 
 class _Shards(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; the first ``fail_first`` requests of a run get ``fail_status`` instead."""
-    fail_first, fail_status, requests = 0, 503, 0
+    """Serves a folder, with Range requests (``ranges``); the first ``fail_first`` requests get ``fail_status``,
+    and the first ``cut_first`` bodies stop halfway (the connection drops after half the promised bytes)."""
+    fail_first, fail_status, cut_first, ranges, requests = 0, 503, 0, True, 0
+    seen_ranges: list
 
     def do_GET(self) -> None:
-        type(self).requests += 1
-        if type(self).requests <= type(self).fail_first:
-            self.send_error(type(self).fail_status)
+        cls = type(self)
+        cls.requests += 1
+        if cls.requests <= cls.fail_first:
+            self.send_error(cls.fail_status)
             return
-        super().do_GET()
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        data = Path(path).read_bytes()
+        start = 0
+        asked = self.headers.get("Range")
+        cls.seen_ranges.append(asked)
+        if asked and cls.ranges:
+            start = int(asked.removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cls.requests <= cls.fail_first + cls.cut_first:
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
 
     def log_message(self, *args) -> None:
         pass
@@ -165,7 +194,7 @@ class _Shards(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def http_shards(test_shards):
     """(base URL of a local http server over the test shards, its handler class)."""
-    handler = type("Handler", (_Shards,), {})
+    handler = type("Handler", (_Shards,), {"seen_ranges": []})
     serve = functools.partial(handler, directory=str(test_shards[0].parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), serve)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -202,6 +231,29 @@ def test_http_shard_open_retries_on_503_then_reads(http_shards, monkeypatch):
                                                 f"{source.HTTP_OPEN_ATTEMPTS} tries: HTTP 503"):
         list(tar_members(strict=True)([f"{base}/shard-000000.tar"]))
     assert handler.requests == source.HTTP_OPEN_ATTEMPTS
+
+
+def test_http_shard_resumes_a_dropped_connection_with_a_range_request(http_shards, test_shards):
+    base, handler = http_shards
+    url = f"{base}/shard-000000.tar"
+    local = list(tar_members(strict=True)([str(test_shards[0])]))
+    handler.cut_first = 2                                # the first body and the first resume both drop halfway
+    got = list(tar_members(strict=True)([url]))
+    assert [(m["name"], m["data"]) for m in got] == [(m["name"], m["data"]) for m in local]   # every byte, once
+    size = test_shards[0].stat().st_size
+    assert handler.seen_ranges == [None, f"bytes={size // 2}-", f"bytes={size // 2 + (size - size // 2) // 2}-"]
+
+
+def test_http_shard_that_cannot_resume_is_reported_not_truncated(http_shards):
+    base, handler = http_shards
+    url = f"{base}/shard-000000.tar"
+    handler.ranges, handler.cut_first = False, 1         # the server answers a Range request with the whole file
+    with pytest.raises(tarfile.ReadError, match="the server does not resume it"):
+        list(tar_members(strict=True)([url]))
+    handler.requests = 0
+    with pytest.warns(SampleSkipped, match="rest of the shard skipped"):
+        members = list(tar_members()([url]))
+    assert members                                       # what came before the drop is kept, as for a local file
 
 
 def test_skiplog_counts_logs_once_per_shard_and_fault_and_stops_past_the_fraction():
