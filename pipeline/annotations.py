@@ -75,12 +75,14 @@ def overlapping(rows: list[Annotation], start_s: float, end_s: float) -> list[An
     return [a for a in rows if a.start_s < end_s and (a.end_s > start_s or (a.end_s == a.start_s == start_s))]
 
 
-def load_annotations(path: str | Path) -> Annotations:
+def load_annotations(path: str | Path, text: str | None = None) -> Annotations:
+    """The segment annotations of a CSV/JSONL file; ``text``: its contents when the caller has read them."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise AnnotationError(f"cannot read annotation file {path}: {e}") from e
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise AnnotationError(f"cannot read annotation file {path}: {e}") from e
     suffix = path.suffix.lower()
     if suffix == ".csv":
         raw = _read_csv(path, text)

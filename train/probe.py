@@ -129,7 +129,7 @@ def load_labels(path: str | Path) -> Annotations:
     if {"video", "label"} <= fields and not fields & {"start_s", "end_s"}:
         return _whole_video_labels(path, rows)
     try:
-        return load_annotations(path)
+        return load_annotations(path, text)                  # the text read above: one read of the file
     except AnnotationError as e:
         raise ProbeError(f"{e}; --labels takes video,label (whole videos) or video,start_s,end_s,label") from e
 
