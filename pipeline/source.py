@@ -192,19 +192,15 @@ def epoch_shards(urls: Sequence[str], *, epoch: int, seed: int, rank: int, world
 
 
 def open_shard(url: str, allow_pipe: bool = False) -> IO[bytes]:
-    """A readable byte stream of a shard: local file, http(s) (``_open_http``), or pipe: (webdataset.gopen)."""
+    """A readable byte stream of a shard: local file, http(s) (``_HttpStream``, urllib: no external binary),
+    or pipe: (webdataset.gopen)."""
     _check_url(url, allow_pipe)
     if url.startswith(URL_SCHEMES):
-        return _open_http(url)
+        return _HttpStream(url)
     if url.startswith("pipe:"):
         from webdataset.gopen import gopen
         return gopen(url, "rb")
     return open(url[len("file://"):] if url.startswith("file://") else url, "rb")
-
-
-def _open_http(url: str) -> IO[bytes]:
-    """The body of an http(s) shard as a readable stream (``_HttpStream``), through urllib: no external binary."""
-    return _HttpStream(url)
 
 
 def _http_response(url: str, start: int = 0):

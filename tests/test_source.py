@@ -8,8 +8,8 @@ import shutil
 import socket
 import tarfile
 import threading
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
