@@ -42,12 +42,16 @@ def labelled_frames(shards: str) -> tuple[torch.Tensor, list[set[str]]]:
         sys.exit(f"error: no .tar shards in {shards}; pass the --out folder of `abvid preprocess`")
     frames, labels, seen = [], [], set()
     for sample in group_samples()(tar_members(strict=True)(paths)):
+        if "json" not in sample:
+            sys.exit(f"error: {sample['__url__']}: sample {sample['__key__']} has no .json; "
+                     "is this a shard folder written by `abvid preprocess`?")
         meta = json.loads(sample["json"])
         for i, (fi, t) in enumerate(zip(meta["frame_indices"], meta["pts_s"])):
             if (meta["video_id"], fi) in seen:                   # overlapping clips share frames
                 continue
             seen.add((meta["video_id"], fi))
-            frames.append(decode_frame(sample[f"{i:03d}.jpg"]))
+            suffix = f"{i:03d}.jpg" if f"{i:03d}.jpg" in sample else f"{i:03d}.webp"
+            frames.append(decode_frame(sample[suffix], suffix))
             labels.append({str(a.get("label", a.get("text"))) for a in meta.get("annotations", [])
                            if float(a["start_s"]) <= t <= float(a["end_s"])})
     if not any(labels):
