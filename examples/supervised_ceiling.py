@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from abvid.model import build_encoder, encoder_kwargs
 from abvid.model.io import save_encoder
 from abvid.pipeline.config import load_config
+from abvid.pipeline.loader import labels_at
 from abvid.pipeline.source import group_samples, tar_members
 from abvid.pipeline.views import decode_frame
 from abvid.train.config import PretrainConfig
@@ -52,8 +53,7 @@ def labelled_frames(shards: str) -> tuple[torch.Tensor, list[set[str]]]:
             seen.add((meta["video_id"], fi))
             suffix = f"{i:03d}.jpg" if f"{i:03d}.jpg" in sample else f"{i:03d}.webp"
             frames.append(decode_frame(sample[suffix], suffix))
-            labels.append({str(a.get("label", a.get("text"))) for a in meta.get("annotations", [])
-                           if float(a["start_s"]) <= t <= float(a["end_s"])})
+            labels.append(set(labels_at(meta.get("annotations") or [], [t])))     # as the loader reads them
     if not any(labels):
         sys.exit(f"error: no frame of {shards} carries a label; preprocess with --annotations LABELS.csv")
     return torch.stack(frames), labels

@@ -97,7 +97,7 @@ def _frames_of(sample: dict) -> dict[int, tuple[str, bytes]]:
     return out
 
 
-def _labels_at(annotations: list[dict], times: list[float]) -> list[str]:
+def labels_at(annotations: list[dict], times: list[float]) -> list[str]:
     """Labels/texts of the annotations whose [start_s, end_s] holds one of ``times``, first-seen order."""
     labels: list[str] = []
     for ann in annotations:
@@ -129,7 +129,7 @@ def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Genera
                 views = sampler.sample(rng, K, W, H)
                 nxt = sampler.sample_next(rng, int(views.frame_idx[0]), K, W, H, next_views) if next_views else None
                 times = [float(meta["pts_s"][int(t)]) for t in views.frame_idx]
-                labels = _labels_at(meta.get("annotations") or [], times)
+                labels = labels_at(meta.get("annotations") or [], times)
             except (KeyError, ValueError, TypeError) as e:   # json.JSONDecodeError is a ValueError
                 on_skip(url, key, f"bad clip metadata ({type(e).__name__}: {e})")
                 continue

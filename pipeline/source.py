@@ -46,6 +46,7 @@ simply absent, the same on every pass.
 from __future__ import annotations
 
 import glob
+import http.client
 import os
 import tarfile
 import warnings
@@ -244,8 +245,6 @@ class _HttpStream:
         self.length = int(length) if length and length.isdigit() else None
 
     def read(self, n: int = -1) -> bytes:
-        import http.client
-
         while True:
             try:
                 data = self.resp.read(n) if n is not None and n >= 0 else self.resp.read()
