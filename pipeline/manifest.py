@@ -30,9 +30,10 @@ ROW_FIELDS = ("video_id", "status", "reason", "error", "frames", "clips", "tail_
 
 
 def video_id(path: str) -> str:
-    """``<sanitized stem>_<8 hex of sha1(abs path)>``; no dots, so webdataset keys stay whole."""
+    """``<sanitized stem>_<8 hex of sha1(abs path or URL)>``; no dots, so webdataset keys stay whole."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem).strip("_")[:64] or "video"
-    return f"{stem}_{hashlib.sha1(os.path.abspath(path).encode('utf-8')).hexdigest()[:8]}"
+    where = path if "://" in path else os.path.abspath(path)
+    return f"{stem}_{hashlib.sha1(where.encode('utf-8')).hexdigest()[:8]}"
 
 
 def run_files(prefix: str) -> tuple[str, str, str]:

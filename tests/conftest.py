@@ -1,14 +1,21 @@
-"""Shared test fixtures: synthetic videos, synthetic shards, ../shared/media, GPU skipping.
+"""Shared test fixtures: synthetic videos, synthetic shards, a local shard server, ../shared/media, GPU skipping.
 
 Helpers that several test modules need live here; a fixture used by one module
 stays in that module.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import io
 import json
+import os
+import socket
+import threading
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -116,3 +123,58 @@ def write_test_shards(out_dir: str | Path, *, videos: int = 4, clips_per_video: 
 @pytest.fixture
 def test_shards(tmp_path) -> list[Path]:
     return write_test_shards(tmp_path / "shards")
+
+
+class ShardServer(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, with Range requests (``ranges``); the first ``fail_first`` requests get ``fail_status``,
+    and the first ``cut_first`` bodies stop halfway (the connection drops after half the promised bytes)."""
+    fail_first, fail_status, cut_first, ranges, requests = 0, 503, 0, True, 0
+    seen_ranges: list
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        cls.requests += 1
+        if cls.requests <= cls.fail_first:
+            self.send_error(cls.fail_status)
+            return
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        data = Path(path).read_bytes()
+        start = 0
+        asked = self.headers.get("Range")
+        cls.seen_ranges.append(asked)
+        if asked and cls.ranges:
+            start = int(asked.removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cls.requests <= cls.fail_first + cls.cut_first:
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: str | Path) -> Iterator[tuple[str, type]]:
+    """(base URL, handler class) of a local http server over ``folder`` (``ShardServer``: set its class
+    attributes to make it fail, cut bodies or ignore ranges); shut down on exit."""
+    handler = type("Handler", (ShardServer,), {"seen_ranges": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", handler
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,7 +14,7 @@ from abvid.model.io import save_encoder
 from abvid.pipeline.errors import JobError, UsageError
 from abvid.pipeline.video import open_video
 from abvid.train import embed as E
-from conftest import make_video, write_test_shards
+from conftest import make_video, serve_folder, write_test_shards
 
 TINY = {"arch": "vit_tiny", "patch_size": 16, "img_size": 32, "embed_dim": 64, "depth": 2, "num_heads": 2}
 SIZE = 32
@@ -196,6 +196,22 @@ def test_shards_float16_and_duplicates(tmp_path, encoder):
         [(f"vid{v:03d}_deadbeef", i) for v in range(2) for i in range(8)]
     assert [float(r["pts_s"]) for r in rows[:8]] == [i / 4.0 for i in range(8)]
     assert rows[0]["source"] == "/data/vid000.mp4"
+
+
+def test_http_shards_embed_as_their_local_files_and_a_missing_one_fails_alone(tmp_path, encoder):
+    write_test_shards(tmp_path / "shards", videos=2, clips_per_video=2, clip_len=4, shard_clips=3)
+    E.embed_inputs([str(tmp_path / "shards")], tmp_path / "local", encoder, size=SIZE, progress=False)
+    with serve_folder(tmp_path / "shards") as (base, handler):
+        handler.cut_first = 1                     # the first body drops halfway: resumed, not re-embedded short
+        spec = f"{base}/shard-{{000000..000001}}.tar"
+        res = E.embed_inputs([spec, f"{base}/shard-000009.tar"], tmp_path / "url", encoder, size=SIZE,
+                             progress=False)
+        assert [r.status for r in res] == ["ok", "ok", "failed"] and "HTTP 404" in res[2].error
+        assert res[0].input == f"{base}/shard-000000.tar"
+        again = E.embed_inputs([spec], tmp_path / "url", encoder, size=SIZE, progress=False)
+    assert [r.status for r in again] == ["cached", "cached"]
+    assert np.array_equal(np.load(tmp_path / "url" / "embeddings.npy"), np.load(tmp_path / "local" / "embeddings.npy"))
+    assert read_index(tmp_path / "url") == read_index(tmp_path / "local")
 
 
 def test_truncated_shard_fails_alone(tmp_path, encoder):

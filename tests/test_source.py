@@ -1,15 +1,9 @@
 """Shard sources: expansion, pipe: policy, split by rank/worker, tar reading, grouping, shuffle, bad tars."""
 from __future__ import annotations
 
-import functools
-import http.server
-import os
 import shutil
-import socket
 import tarfile
-import threading
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from abvid.pipeline.source import (SampleSkipped, check_split, epoch_shards, expand_shards, group_samples,
                                    shuffle, tar_members)
-from conftest import write_test_shards
+from conftest import serve_folder, write_test_shards
 
 
 def test_expand_file_folder_brace_glob_and_lists(test_shards):
@@ -150,59 +144,11 @@ def test_source_stages_in_two_worker_dataloader(test_shards):
     assert {w for _, w in rows} == {0, 1}
 
 
-class _Shards(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder, with Range requests (``ranges``); the first ``fail_first`` requests get ``fail_status``,
-    and the first ``cut_first`` bodies stop halfway (the connection drops after half the promised bytes)."""
-    fail_first, fail_status, cut_first, ranges, requests = 0, 503, 0, True, 0
-    seen_ranges: list
-
-    def do_GET(self) -> None:
-        cls = type(self)
-        cls.requests += 1
-        if cls.requests <= cls.fail_first:
-            self.send_error(cls.fail_status)
-            return
-        path = self.translate_path(self.path)
-        if not os.path.isfile(path):
-            self.send_error(404)
-            return
-        data = Path(path).read_bytes()
-        start = 0
-        asked = self.headers.get("Range")
-        cls.seen_ranges.append(asked)
-        if asked and cls.ranges:
-            start = int(asked.removeprefix("bytes=").split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if cls.requests <= cls.fail_first + cls.cut_first:
-            self.wfile.write(body[:len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def http_shards(test_shards):
     """(base URL of a local http server over the test shards, its handler class)."""
-    handler = type("Handler", (_Shards,), {"seen_ranges": []})
-    serve = functools.partial(handler, directory=str(test_shards[0].parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), serve)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_folder(test_shards[0].parent) as served:
+        yield served
 
 
 def test_http_shards_stream_without_an_external_binary(http_shards, monkeypatch):

@@ -5,7 +5,8 @@
     abvid embed --checkpoint enc.safetensors list.txt --out /shared/emb --executor ray  # Ray Data pipeline
 
 INPUT: video files, folders (recursive), globs, list files (.txt/.csv/.jsonl),
-or shards (.tar files, folders of .tar). --checkpoint: an exported
+or shards (.tar files, folders of .tar, http(s) URLs and brace patterns of
+them, streamed without a local copy). --checkpoint: an exported
 .safetensors (`abvid export`) or a training checkpoint (EMA encoder by default).
 
 Output in --out: embeddings.npy (N, D) float32 (or --float16), index.csv
@@ -39,7 +40,7 @@ from abvid.tools.cli import EXIT_OK, EXIT_PARTIAL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="videos, folders, globs, list files or shards")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="videos, folders, globs, list files or shards (paths or http(s) URLs)")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", default=argparse.SUPPRESS,
                    help="exported encoder (.safetensors) or training checkpoint; required")
     p.add_argument("--which", choices=("ema", "student"), default="ema",

@@ -62,7 +62,7 @@ class ShardError(RuntimeError):
 @dataclass(frozen=True)
 class Unit:
     kind: str          # "video" | "shard"
-    path: str          # absolute path
+    path: str          # absolute path, or an http(s) shard URL
     name: str          # file stem of its part in OUT/parts (unique per path)
     origin: str        # the argument that produced it
     skip_reason: str = ""
@@ -106,9 +106,8 @@ def expand_units(specs: list[str]) -> list[Unit]:
             units.append(Unit("shard", os.path.abspath(spec), "shard_" + video_id(spec), spec, ""))
             continue
         for path in paths:
-            if "://" in path:
-                raise EmbedError(f"shard {path}: embed reads local shards only; copy it locally first")
-            path = os.path.abspath(path)
+            if "://" not in path:     # http(s) shards stream as the training loader's do (pipeline/source.py)
+                path = os.path.abspath(path)
             dup = "duplicate input" if path in seen else ""
             seen.add(path)
             units.append(Unit("shard", path, "shard_" + video_id(path), spec, dup))
@@ -158,7 +157,7 @@ def shard_frames(path: str, size: int) -> Iterator[tuple[dict[str, Any], np.ndar
     """Frames of every clip of one shard, in order; a frame met twice (overlapping clips) is yielded once."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isfile(path):
+    if "://" not in path and not os.path.isfile(path):
         raise ShardError(f"{path}: no such shard file (check the path or pattern)")
     seen: set[tuple[str, int]] = set()
     try:
