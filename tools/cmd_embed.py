@@ -40,7 +40,8 @@ from abvid.tools.cli import EXIT_OK, EXIT_PARTIAL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="videos, folders, globs, list files or shards (paths or http(s) URLs)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="videos, folders, globs, list files or shards (paths or http(s) URLs)")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", default=argparse.SUPPRESS,
                    help="exported encoder (.safetensors) or training checkpoint; required")
     p.add_argument("--which", choices=("ema", "student"), default="ema",
