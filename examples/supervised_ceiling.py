@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from abvid.model import build_encoder, encoder_kwargs
 from abvid.model.io import save_encoder
 from abvid.pipeline.config import load_config
-from abvid.pipeline.loader import labels_at
+from abvid.pipeline.loader import frames_of, labels_at
 from abvid.pipeline.source import group_samples, tar_members
 from abvid.pipeline.views import decode_frame
 from abvid.train.config import PretrainConfig
@@ -46,13 +46,16 @@ def labelled_frames(shards: str) -> tuple[torch.Tensor, list[set[str]]]:
         if "json" not in sample:
             sys.exit(f"error: {sample['__url__']}: sample {sample['__key__']} has no .json; "
                      "is this a shard folder written by `abvid preprocess`?")
-        meta = json.loads(sample["json"])
+        meta, members = json.loads(sample["json"]), frames_of(sample)
         for i, (fi, t) in enumerate(zip(meta["frame_indices"], meta["pts_s"])):
             if (meta["video_id"], fi) in seen:                   # overlapping clips share frames
                 continue
             seen.add((meta["video_id"], fi))
-            suffix = f"{i:03d}.jpg" if f"{i:03d}.jpg" in sample else f"{i:03d}.webp"
-            frames.append(decode_frame(sample[suffix], suffix))
+            if i not in members:
+                sys.exit(f"error: {sample['__url__']}: sample {sample['__key__']} lacks frame {i:03d}; "
+                         "re-run preprocessing")
+            ext, data = members[i]
+            frames.append(decode_frame(data, ext))
             labels.append(set(labels_at(meta.get("annotations") or [], [t])))     # as the loader reads them
     if not any(labels):
         sys.exit(f"error: no frame of {shards} carries a label; preprocess with --annotations LABELS.csv")

@@ -87,7 +87,7 @@ def clip_id(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
-def _frames_of(sample: dict) -> dict[int, tuple[str, bytes]]:
+def frames_of(sample: dict) -> dict[int, tuple[str, bytes]]:
     """{'000.jpg': b'..', ...} members -> {0: ('jpg', b'..'), ...}."""
     out = {}
     for suffix, data in sample.items():
@@ -119,7 +119,7 @@ def sample_views(sampler: ViewSampler, rng_for: Callable[[int], np.random.Genera
             key, url = s["__key__"], s["__url__"]
             try:
                 meta = json.loads(s["json"])
-                frames = _frames_of(s)
+                frames = frames_of(s)
                 K = len(frames)
                 if K == 0 or sorted(frames) != list(range(K)):
                     raise ValueError(f"frames must be numbered 000..{K - 1:03d}, found {sorted(frames)[:20]}")

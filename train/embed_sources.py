@@ -157,6 +157,8 @@ def shard_frames(path: str, size: int) -> Iterator[tuple[dict[str, Any], np.ndar
     """Frames of every clip of one shard, in order; a frame met twice (overlapping clips) is yielded once."""
     from PIL import Image, UnidentifiedImageError
 
+    from abvid.pipeline.loader import frames_of
+
     if "://" not in path and not os.path.isfile(path):
         raise ShardError(f"{path}: no such shard file (check the path or pattern)")
     seen: set[tuple[str, int]] = set()
@@ -164,15 +166,15 @@ def shard_frames(path: str, size: int) -> Iterator[tuple[dict[str, Any], np.ndar
         for key, files in _tar_samples(path):
             if "json" not in files:
                 raise ShardError(f"{path}: sample {key} has no .json; is this a shard written by `abvid preprocess`?")
-            meta = json.loads(files["json"])
+            meta, members = json.loads(files["json"]), frames_of(files)
             for i, (fi, t) in enumerate(zip(meta["frame_indices"], meta["pts_s"])):
                 if (meta["video_id"], fi) in seen:
                     continue
                 seen.add((meta["video_id"], fi))
-                data = files.get(f"{i:03d}.jpg") or files.get(f"{i:03d}.webp")
-                if data is None:
-                    raise ShardError(f"{path}: sample {key} lacks frame {i:03d} (.jpg/.webp); re-run preprocessing")
-                img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                if i not in members:
+                    raise ShardError(f"{path}: sample {key} lacks frame {i:03d} (.jpg/.jpeg/.webp); "
+                                     "re-run preprocessing")
+                img = np.asarray(Image.open(io.BytesIO(members[i][1])).convert("RGB"))
                 yield ({"video_id": meta["video_id"], "source": meta["source"], "frame_index": int(fi),
                         "pts_s": float(t)}, center_square(img, size))
     except (tarfile.TarError, EOFError, json.JSONDecodeError, KeyError, UnidentifiedImageError, OSError) as e:
