@@ -65,6 +65,49 @@ def test_steps_zero_writes_untrained_checkpoint(shards, tmp_path):
     assert (tmp_path / "config.yaml").read_text().count("embed_dim: 32") == 1
 
 
+CLIP = ["objective.name=clip", "objective.bootstrap=false", "objective.proj_dim=16", "objective.proj_hidden_dim=32",
+        "objective.text_embed_dim=16", "train.ckpt_every=2"]
+
+
+def test_clip_resume_keeps_the_runs_vocabulary_when_the_shards_gain_words(tmp_path):
+    """data.shards may change on resume (more shards); CLIP's word table must not be renumbered then."""
+    data = tmp_path / "shards"
+    write_test_shards(data, videos=2, clips_per_video=2, shard_clips=4, labels=("red", "blue"))
+    run = tmp_path / "run"
+    r = subprocess.run(cli(data, run, *CLIP, "train.steps=2"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (run / "clip_texts.txt").read_text().split() == ["blue", "red"]
+    (new,) = write_test_shards(tmp_path / "more", videos=2, clips_per_video=2, shard_clips=4,
+                               labels=("green", "yellow cat"))
+    new.rename(data / "shard-000100.tar")          # the corpus grew: two more words than the run started with
+    r = subprocess.run(cli(data, run, *CLIP, "train.steps=4"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stderr and sorted(losses(run)) == [1, 2, 3, 4]
+    assert (run / "clip_texts.txt").read_text().split() == ["blue", "red"]
+    r = subprocess.run(cli(data, tmp_path / "fresh", *CLIP, "train.steps=0"), capture_output=True, text=True,
+                       timeout=120)                # a new run reads the grown corpus
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "fresh" / "clip_texts.txt").read_text().splitlines() == ["blue", "green", "red", "yellow cat"]
+
+
+def test_clip_vocabulary_from_a_file_and_a_missing_file_named(tmp_path):
+    from abvid.pipeline.config import ConfigError
+    from abvid.train.config import PretrainConfig
+    from abvid.train.objectives import ObjectiveConfig
+    from abvid.train.pretrain import clip_vocab_texts
+
+    texts = tmp_path / "captions.txt"
+    texts.write_text("a dog on grass\n\n  a cat  \na dog on grass\n", encoding="utf-8")
+    cfg = PretrainConfig(objective=ObjectiveConfig(name="clip", clip_texts=str(texts)))
+    assert clip_vocab_texts(cfg, tmp_path / "run", resume=True, is_main=True) == ["a cat", "a dog on grass"]
+    texts.write_text("something else\n")
+    assert clip_vocab_texts(cfg, tmp_path / "run", resume=True, is_main=True) == ["a cat", "a dog on grass"]
+    assert clip_vocab_texts(cfg, tmp_path / "run", resume=False, is_main=True) == ["something else"]
+    cfg = PretrainConfig(objective=ObjectiveConfig(name="clip", clip_texts=str(tmp_path / "nope.txt")))
+    with pytest.raises(ConfigError, match="nope.txt.*one label or caption per line"):
+        clip_vocab_texts(cfg, tmp_path / "run2", resume=True, is_main=True)
+
+
 def test_sigkill_then_resume_repeats_uninterrupted_losses(shards, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     steps = ["train.steps=14"]

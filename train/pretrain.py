@@ -53,6 +53,44 @@ def augment_on_device(batch: dict, max_blur_sigma: float) -> dict:
     return out
 
 
+CLIP_TEXTS = "clip_texts.txt"     # in the run folder: the strings CLIP's vocabulary was built from
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Sorted distinct non-blank lines of a UTF-8 text file (one label or caption per line)."""
+    from abvid.pipeline.config import ConfigError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"objective.clip_texts: cannot read {path} ({e}); give a UTF-8 text file with one "
+                          f"label or caption per line, or leave it empty to read the labels from local shards") from e
+    return sorted({t.strip() for t in lines if t.strip()})
+
+
+def clip_vocab_texts(cfg: Any, run_dir: str | Path, resume: bool, is_main: bool) -> list[str]:
+    """The strings CLIP's text vocabulary is built from, the same for every start of one run.
+
+    A fresh run takes ``objective.clip_texts`` (a text file) or, when that is empty, the labels and
+    captions in the local shards (:func:`corpus_texts`), and rank 0 writes them to ``RUN/clip_texts.txt``.
+    A resumed run reads that file back: the checkpoint's word embeddings are indexed by it, so shards
+    added or a vocabulary file edited since the start must not renumber the words (a different count
+    would not load; the same count would load and silently mean other words)."""
+    saved = Path(run_dir) / CLIP_TEXTS
+    if resume and saved.is_file():
+        texts = read_texts(saved)
+        log.info("CLIP vocabulary: %d strings from the run's own %s", len(texts), saved)
+        return texts
+    path = cfg.objective.clip_texts
+    texts = read_texts(path) if path else corpus_texts(cfg.data)
+    if is_main:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".txt.tmp")
+        tmp.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
+        os.replace(tmp, saved)
+    return texts
+
+
 def corpus_texts(data_cfg: Any, max_shards: int = 256) -> list[str]:
     """Sorted label/text strings of the clips' JSON in (up to ``max_shards``) local shards: the CLIP vocabulary."""
     import tarfile
@@ -62,7 +100,8 @@ def corpus_texts(data_cfg: Any, max_shards: int = 256) -> list[str]:
     urls = expand_shards(data_cfg.shards, allow_pipe=False)
     local = [u for u in urls if Path(u).is_file()][:max_shards]
     if len(local) < len(urls):
-        log.warning("CLIP vocabulary read from %d of %d shards (local files only, at most %d)",
+        log.warning("CLIP vocabulary read from %d of %d shards (local files only, at most %d); "
+                    "objective.clip_texts=FILE (one label or caption per line) gives it instead",
                     len(local), len(urls), max_shards)
     texts: set[str] = set()
     for url in local:
@@ -128,7 +167,7 @@ def pretrain(cfg: Any, run_dir: str | Path, resume: bool = True,
     try:
         data_info: dict[str, Any] = {"max_abs_dt": cfg.data.view_sampler().max_abs_dt()}
         if cfg.objective.name == "clip":
-            data_info["texts"] = corpus_texts(cfg.data)
+            data_info["texts"] = clip_vocab_texts(cfg, run_dir, resume, ctx.is_main)
         seed_everything(tc.seed)  # the same on every rank: identical student and teacher init
         objective = build_objective(cfg.objective, cfg.model, data_info)
         if cfg.model.init_from:

@@ -63,6 +63,7 @@ class ObjectiveConfig:
     simclr_target_temp: float = 0.0     # temperature of SimCLR's bootstrap targets p(l | x'); 0 = simclr_temp
     clip_init_temp: float = 0.07
     text_embed_dim: int = 256
+    clip_texts: str = ""                # CLIP vocabulary: a text file, one label/caption per line; "" = local shards
     # value decoder
     decoder_dim: int = 128
     decoder_depth: int = 2
@@ -97,7 +98,8 @@ def build_objective(obj_cfg: ObjectiveConfig, model_cfg: ModelConfig,
         texts = list((data_info or {}).get("texts") or [])
         if not texts:
             warnings.warn("clip objective built without data_info['texts']: the text vocabulary is empty, "
-                          "every word goes to a hashed bucket", stacklevel=2)
+                          "every word goes to a hashed bucket (objective.clip_texts=FILE gives the labels)",
+                          stacklevel=2)
         family = CLIPFamily()
         head = CLIPHead(dim, build_vocab(texts), c.proj_dim, c.proj_hidden_dim, c.text_embed_dim, c.clip_init_temp,
                         c.proj_norm)
