@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from abvid.train.ablation import ROWS, Plan, collect, commands, format_table, table, write_table
+from abvid.train.ablation import ROWS, Plan, collect, commands, format_table, pool, results_path, table, write_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import write_test_shards  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_rows_pair_with_the_base_through_their_seeds():
@@ -90,6 +92,27 @@ def test_table_means_stds_and_paired_differences():
     assert not noisy["rows"]["ab"]["linear"]["diff_vs_base"]["above_2se"]
     md = format_table(t)
     assert "| AB (gamma = 0) | 3 | 57.7 ± 4.5 | 49.3 ± 5.5 | +2.7 ± 0.3 (>2SE) | +4.3 ± 0.3 (>2SE) |" in md
+
+
+def test_pool_takes_one_cell_per_table_and_the_se_over_tables(tmp_path):
+    base = {s: {"linear": 0.5, "knn": 0.4} for s in range(3)}
+    tables = [table({"base": base, "ab": {s: {"linear": 0.5 + g, "knn": 0.4 - g} for s in range(3)}})
+              for g in (0.01, 0.03, -0.01)]                     # table means +1, +3, -1 points on linear
+    tables.append(table({"base": base}))                        # a table without the row: not a cell
+    p = pool(tables, "ab")
+    assert p["linear"]["n"] == 3 and p["linear"]["above_0"] == 2
+    assert math.isclose(p["linear"]["mean"], 0.01) and math.isclose(p["knn"]["mean"], -0.01)
+    assert math.isclose(p["linear"]["se"], 0.02 / math.sqrt(3))   # std of (1, 3, -1) points is 2
+    for i, t in enumerate(tables):                               # the example script reads the tables' JSON
+        (tmp_path / f"t{i}").mkdir()
+        results_path(tmp_path / f"t{i}").write_text(json.dumps(t))
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_tables.py"),
+                        *[str(tmp_path / f"t{i}") for i in range(4)]], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "linear: ab - base +1.00 ± 1.15 mAP points (mean ± SE over 3 tables; above 0 in 2)" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_tables.py"), str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "abvid ablate --table-only" in r.stderr
 
 
 def _fake_run(out: Path, row: str, seed: int, linear: float, knn: float, finished: bool = True) -> None:

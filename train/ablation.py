@@ -258,6 +258,11 @@ def format_table(t: dict, scale: float = 100.0) -> str:
     return "\n".join(lines)
 
 
+def results_path(out: Path, which: str = WHICH[0]) -> Path:
+    """``out/results-student.json`` (``results.json`` for the EMA encoder): the table as JSON."""
+    return Path(out) / f"results{_suffix(which)}.json"
+
+
 def write_table(out: Path, which: str = WHICH[0]) -> str:
     """Rebuild ``table-student.md`` and ``results-student.json`` (``table.md`` and ``results.json`` for the EMA
     encoder) in ``out`` from its run folders; returns the markdown."""
@@ -267,8 +272,24 @@ def write_table(out: Path, which: str = WHICH[0]) -> str:
     md = format_table(t)
     encoder = ("the EMA (teacher) encoder where a run has one, else its student" if which == "ema"
                else "the student (online) encoder of every run")
-    (out / f"results{sfx}.json").write_text(json.dumps(t, indent=2) + "\n")
+    results_path(out, which).write_text(json.dumps(t, indent=2) + "\n")
     (out / f"table{sfx}.md").write_text(md + "\n\nmean ± std over seeds; differences: mean ± standard error of "
                                         "the per-seed paired differences against the base method (mAP points); "
                                         f"probed: {encoder}\n")
     return md
+
+
+def pool(tables: list[dict], row: str = "ab") -> dict:
+    """Pool finished ablations (each a :func:`table` result, e.g. one corpus of one experiment): per probe, one
+    cell per table, the mean of ``row``'s paired differences against its base there; then the mean over cells
+    and its standard error ``std / sqrt(cells)``. Corpus-to-corpus spread enters the SE, so unlike pooling the
+    seeds themselves it does not count seeds that share a corpus as independent."""
+    out: dict = {"row": row, "tables": len(tables)}
+    for probe in PROBES:
+        cells = [t["rows"][row][probe]["diff_vs_base"]["mean"] for t in tables
+                 if "diff_vs_base" in t["rows"].get(row, {}).get(probe, {})]
+        if cells:
+            mean, std = _mean_std(cells)
+            out[probe] = {"mean": mean, "se": std / math.sqrt(len(cells)) if len(cells) > 1 else float("nan"),
+                          "n": len(cells), "above_0": sum(c > 0 for c in cells), "cells": cells}
+    return out
