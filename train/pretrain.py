@@ -56,15 +56,17 @@ def augment_on_device(batch: dict, max_blur_sigma: float) -> dict:
 CLIP_TEXTS = "clip_texts.txt"     # in the run folder: the strings CLIP's vocabulary was built from
 
 
-def read_texts(path: str | Path) -> list[str]:
+def read_texts(path: str | Path, what: str = "objective.clip_texts") -> list[str]:
     """Sorted distinct non-blank lines of a UTF-8 text file (one label or caption per line)."""
     from abvid.pipeline.config import ConfigError
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"objective.clip_texts: cannot read {path} ({e}); give a UTF-8 text file with one "
-                          f"label or caption per line, or leave it empty to read the labels from local shards") from e
+        fix = ("give a UTF-8 text file with one label or caption per line, or leave it empty to read the labels "
+               "from local shards" if what == "objective.clip_texts" else
+               "it holds the vocabulary this run started with; restore it, or start over with --no-resume")
+        raise ConfigError(f"{what}: cannot read {path} ({e}); {fix}") from e
     return sorted({t.strip() for t in lines if t.strip()})
 
 
@@ -78,7 +80,7 @@ def clip_vocab_texts(cfg: Any, run_dir: str | Path, resume: bool, is_main: bool)
     would not load; the same count would load and silently mean other words)."""
     saved = Path(run_dir) / CLIP_TEXTS
     if resume and saved.is_file():
-        texts = read_texts(saved)
+        texts = read_texts(saved, "the run's CLIP vocabulary")
         log.info("CLIP vocabulary: %d strings from the run's own %s", len(texts), saved)
         return texts
     path = cfg.objective.clip_texts
