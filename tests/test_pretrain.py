@@ -99,10 +99,16 @@ def test_clip_vocabulary_from_a_file_and_a_missing_file_named(tmp_path):
     texts = tmp_path / "captions.txt"
     texts.write_text("a dog on grass\n\n  a cat  \na dog on grass\n", encoding="utf-8")
     cfg = PretrainConfig(objective=ObjectiveConfig(name="clip", clip_texts=str(texts)))
-    assert clip_vocab_texts(cfg, tmp_path / "run", resume=True, is_main=True) == ["a cat", "a dog on grass"]
+    run = tmp_path / "run"
+    assert clip_vocab_texts(cfg, run, resume=True, is_main=True) == ["a cat", "a dog on grass"]
     texts.write_text("something else\n")
-    assert clip_vocab_texts(cfg, tmp_path / "run", resume=True, is_main=True) == ["a cat", "a dog on grass"]
-    assert clip_vocab_texts(cfg, tmp_path / "run", resume=False, is_main=True) == ["something else"]
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "ckpt-00000002.pt").touch()       # resuming from a checkpoint: the run's own strings
+    assert clip_vocab_texts(cfg, run, resume=True, is_main=True) == ["a cat", "a dog on grass"]
+    assert clip_vocab_texts(cfg, run, resume=False, is_main=True) == ["something else"]
+    texts.write_text("a third\n")
+    (run / "checkpoints" / "ckpt-00000002.pt").unlink()      # no checkpoint to fit: made afresh
+    assert clip_vocab_texts(cfg, run, resume=True, is_main=True) == ["a third"]
     cfg = PretrainConfig(objective=ObjectiveConfig(name="clip", clip_texts=str(tmp_path / "nope.txt")))
     with pytest.raises(ConfigError, match="nope.txt.*one label or caption per line"):
         clip_vocab_texts(cfg, tmp_path / "run2", resume=True, is_main=True)

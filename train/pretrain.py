@@ -75,11 +75,14 @@ def clip_vocab_texts(cfg: Any, run_dir: str | Path, resume: bool, is_main: bool)
 
     A fresh run takes ``objective.clip_texts`` (a text file) or, when that is empty, the labels and
     captions in the local shards (:func:`corpus_texts`), and rank 0 writes them to ``RUN/clip_texts.txt``.
-    A resumed run reads that file back: the checkpoint's word embeddings are indexed by it, so shards
-    added or a vocabulary file edited since the start must not renumber the words (a different count
-    would not load; the same count would load and silently mean other words)."""
+    A run that resumes from a checkpoint reads that file back: the checkpoint's word embeddings are
+    indexed by it, so shards added or a vocabulary file edited since the start must not renumber the
+    words (a different count would not load; the same count would load and silently mean other words).
+    Without a checkpoint there is nothing to fit, and the vocabulary is made afresh."""
+    from abvid.train.checkpoint import list_checkpoints
+
     saved = Path(run_dir) / CLIP_TEXTS
-    if resume and saved.is_file():
+    if resume and saved.is_file() and list_checkpoints(Path(run_dir) / "checkpoints"):
         texts = read_texts(saved, "the run's CLIP vocabulary")
         log.info("CLIP vocabulary: %d strings from the run's own %s", len(texts), saved)
         return texts
