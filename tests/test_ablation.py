@@ -103,6 +103,12 @@ def test_pool_takes_one_cell_per_table_and_the_se_over_tables(tmp_path):
     assert p["linear"]["n"] == 3 and p["linear"]["above_0"] == 2
     assert math.isclose(p["linear"]["mean"], 0.01) and math.isclose(p["knn"]["mean"], -0.01)
     assert math.isclose(p["linear"]["se"], 0.02 / math.sqrt(3))   # std of (1, 3, -1) points is 2
+    for t, g in zip(tables, (0.01, 0.03, -0.01)):                 # an ablation 1 point below AB in every table
+        t["rows"]["ab_no_actions"] = table({"base": base, "ab_no_actions": {
+            s: {"linear": 0.5 + g - 0.01 * (1 + s % 2), "knn": 0.4} for s in range(3)}})["rows"]["ab_no_actions"]
+    q = pool(tables, "ab_no_actions", against="ab")
+    assert q["linear"]["n"] == 3 and q["linear"]["above_0"] == 0
+    assert math.isclose(q["linear"]["mean"], -0.04 / 3) and math.isclose(q["linear"]["se"], 0.0, abs_tol=1e-12)
     for i, t in enumerate(tables):                               # the example script reads the tables' JSON
         (tmp_path / f"t{i}").mkdir()
         results_path(tmp_path / f"t{i}").write_text(json.dumps(t))
@@ -110,6 +116,10 @@ def test_pool_takes_one_cell_per_table_and_the_se_over_tables(tmp_path):
                         *[str(tmp_path / f"t{i}") for i in range(4)]], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "linear: ab - base +1.00 ± 1.15 mAP points (mean ± SE over 3 tables; above 0 in 2)" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_tables.py"), "--row", "ab_no_actions",
+                        "--against", "ab", *[str(tmp_path / f"t{i}") for i in range(4)]],
+                       capture_output=True, text=True, timeout=60)
+    assert "linear: ab_no_actions - ab -1.33 ± 0.00 mAP points (mean ± SE over 3 tables; above 0 in 0)" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_tables.py"), str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "abvid ablate --table-only" in r.stderr

@@ -279,15 +279,28 @@ def write_table(out: Path, which: str = WHICH[0]) -> str:
     return md
 
 
-def pool(tables: list[dict], row: str = "ab") -> dict:
+def _paired(t: dict, row: str, against: str, probe: str) -> float | None:
+    """Mean over shared seeds of ``row`` minus ``against`` in table ``t`` (None where either is missing)."""
+    if against == t.get("base", "base"):
+        d = t["rows"].get(row, {}).get(probe, {}).get("diff_vs_base")
+        return None if d is None else d["mean"]
+    a, b = t["rows"].get(row), t["rows"].get(against)
+    if not a or not b or probe not in a or probe not in b:
+        return None
+    va, vb = dict(zip(a["seeds"], a[probe]["values"])), dict(zip(b["seeds"], b[probe]["values"]))
+    shared = sorted(set(va) & set(vb))
+    return statistics.fmean(va[s] - vb[s] for s in shared) if shared else None
+
+
+def pool(tables: list[dict], row: str = "ab", against: str = "base") -> dict:
     """Pool finished ablations (each a :func:`table` result, e.g. one corpus of one experiment): per probe, one
-    cell per table, the mean of ``row``'s paired differences against its base there; then the mean over cells
-    and its standard error ``std / sqrt(cells)``. Corpus-to-corpus spread enters the SE, so unlike pooling the
-    seeds themselves it does not count seeds that share a corpus as independent."""
-    out: dict = {"row": row, "tables": len(tables)}
+    cell per table, the mean of ``row``'s paired differences against ``against`` (the base method, or another
+    row such as ``ab``) there; then the mean over cells and its standard error ``std / sqrt(cells)``.
+    Corpus-to-corpus spread enters the SE, so unlike pooling the seeds themselves it does not count seeds that
+    share a corpus as independent."""
+    out: dict = {"row": row, "against": against, "tables": len(tables)}
     for probe in PROBES:
-        cells = [t["rows"][row][probe]["diff_vs_base"]["mean"] for t in tables
-                 if "diff_vs_base" in t["rows"].get(row, {}).get(probe, {})]
+        cells = [c for t in tables if (c := _paired(t, row, against, probe)) is not None]
         if cells:
             mean, std = _mean_std(cells)
             out[probe] = {"mean": mean, "se": std / math.sqrt(len(cells)) if len(cells) > 1 else float("nan"),
