@@ -281,9 +281,6 @@ def write_table(out: Path, which: str = WHICH[0]) -> str:
 
 def _paired(t: dict, row: str, against: str, probe: str) -> float | None:
     """Mean over shared seeds of ``row`` minus ``against`` in table ``t`` (None where either is missing)."""
-    if against == t.get("base", "base"):
-        d = t["rows"].get(row, {}).get(probe, {}).get("diff_vs_base")
-        return None if d is None else d["mean"]
     a, b = t["rows"].get(row), t["rows"].get(against)
     if not a or not b or probe not in a or probe not in b:
         return None

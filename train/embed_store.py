@@ -71,8 +71,9 @@ class PartWriter:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically: a temp file, then rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -56,16 +56,15 @@ def augment_on_device(batch: dict, max_blur_sigma: float) -> dict:
 CLIP_TEXTS = "clip_texts.txt"     # in the run folder: the strings CLIP's vocabulary was built from
 
 
-def read_texts(path: str | Path, what: str = "objective.clip_texts") -> list[str]:
+def read_texts(path: str | Path, what: str = "objective.clip_texts",
+               fix: str = "give a UTF-8 text file with one label or caption per line, or leave it empty to read "
+                          "the labels from local shards") -> list[str]:
     """Sorted distinct non-blank lines of a UTF-8 text file (one label or caption per line)."""
     from abvid.pipeline.config import ConfigError
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        fix = ("give a UTF-8 text file with one label or caption per line, or leave it empty to read the labels "
-               "from local shards" if what == "objective.clip_texts" else
-               "it holds the vocabulary this run started with; restore it, or start over with --no-resume")
         raise ConfigError(f"{what}: cannot read {path} ({e}); {fix}") from e
     return sorted({t.strip() for t in lines if t.strip()})
 
@@ -83,16 +82,17 @@ def clip_vocab_texts(cfg: Any, run_dir: str | Path, resume: bool, is_main: bool)
 
     saved = Path(run_dir) / CLIP_TEXTS
     if resume and saved.is_file() and list_checkpoints(Path(run_dir) / "checkpoints"):
-        texts = read_texts(saved, "the run's CLIP vocabulary")
+        texts = read_texts(saved, "the run's CLIP vocabulary", "it holds the vocabulary this run started with; "
+                           "restore it, or start over with --no-resume")
         log.info("CLIP vocabulary: %d strings from the run's own %s", len(texts), saved)
         return texts
     path = cfg.objective.clip_texts
     texts = read_texts(path) if path else corpus_texts(cfg.data)
     if is_main:
+        from abvid.train.embed_store import write_text
+
         saved.parent.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".txt.tmp")
-        tmp.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
-        os.replace(tmp, saved)
+        write_text(saved, "".join(t.replace("\n", " ") + "\n" for t in texts))
     return texts
 
 
