@@ -10,6 +10,11 @@ waits on the pipes, the process sentinels and the earliest deadline together:
 * a task running past ``timeout_s`` gets its worker SIGKILLed and yields
   ``"reason": "timeout"``, ``"error": "timed out after 30 s"``; the worker is replaced.
 
+A task's clock starts when its worker has received it and says so, not when it was sent: a
+fresh worker's start-up (a cold forkserver importing the preload, a child re-importing the
+parent's ``__main__``, seconds on a loaded node) is not the video's fault. A worker that
+never says so is failed after ``START_S`` more.
+
 Workers run ``fn(task, *args) -> dict`` (``fn`` importable at module level). They are
 started with ``forkserver`` by default: safe with torch / threads in the parent (no
 fork of a threaded process), and a replacement forks from the warm server in a few ms.
@@ -23,6 +28,8 @@ from multiprocessing.connection import wait
 from typing import Callable, Iterator
 
 START_METHOD = "forkserver"
+STARTED = "started"      # what a worker sends when it takes a task: the task's clock starts then
+START_S = 30.0           # a worker this long past the task's timeout without taking it is failed as timed out
 
 
 def _serve(conn, fn: Callable[..., dict], args: tuple) -> None:
@@ -34,6 +41,7 @@ def _serve(conn, fn: Callable[..., dict], args: tuple) -> None:
             return
         if task is None:
             return
+        conn.send(STARTED)
         conn.send({**task, **fn(task, *args)})
 
 
@@ -56,6 +64,7 @@ class _Worker:
         child.close()
         self.task: dict | None = None
         self.started = 0.0
+        self.running = False   # the worker has said it took the task (its clock restarted then)
 
     def stop(self, kill: bool = False) -> None:
         if self.proc.is_alive():
@@ -120,38 +129,52 @@ class IsolatedPool:
             self.close()
 
     def _start(self, w: _Worker, task: dict) -> None:
-        w.task, w.started = task, time.monotonic()
+        w.task, w.started, w.running = task, time.monotonic(), False
         try:
             w.conn.send(task)
         except OSError:  # the idle worker died: the collector reports it and replaces it
             pass
 
+    def _deadline(self, w: _Worker) -> float:
+        return w.started + self.timeout_s + (0.0 if w.running else START_S)
+
     def _collect(self, busy: list[_Worker]) -> Iterator[dict]:
         timeout = None
         if self.timeout_s:
-            timeout = max(0.0, min(w.started + self.timeout_s for w in busy) - time.monotonic())
+            timeout = max(0.0, min(self._deadline(w) for w in busy) - time.monotonic())
         ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout))
-        now = time.monotonic()
         for w in busy:
             task = w.task
             if w.conn in ready or w.proc.sentinel in ready:
-                result = None
-                if w.conn.poll():
-                    try:
-                        result = w.conn.recv()
-                    except (EOFError, OSError):
-                        result = None
+                result, broken = self._receive(w)
                 if result is not None:
                     w.task = None
                     yield result
                     continue
+                if not broken and w.proc.sentinel not in ready:
+                    continue                      # it only said it took the task
                 w.proc.join(5)
                 self._replace(w, kill=True)
                 yield {**task, "status": "failed", "reason": "crash", "error": _death_reason(w.proc.exitcode)}
-            elif self.timeout_s and now - w.started >= self.timeout_s:
+            elif self.timeout_s and time.monotonic() >= self._deadline(w):
+                error = (f"timed out after {self.timeout_s:g} s" if w.running else
+                         f"timed out: the worker did not take the task within {self.timeout_s + START_S:g} s")
                 self._replace(w, kill=True)
-                yield {**task, "status": "failed", "reason": "timeout",
-                       "error": f"timed out after {self.timeout_s:g} s"}
+                yield {**task, "status": "failed", "reason": "timeout", "error": error}
+
+    @staticmethod
+    def _receive(w: _Worker) -> tuple[dict | None, bool]:
+        """What ``w`` has sent: (its result or None, whether its pipe broke); a start notice restarts its clock."""
+        while w.conn.poll():
+            try:
+                msg = w.conn.recv()
+            except (EOFError, OSError):
+                return None, True
+            if isinstance(msg, str) and msg == STARTED:
+                w.running, w.started = True, time.monotonic()
+                continue
+            return msg, False
+        return None, False
 
     def _replace(self, w: _Worker, kill: bool) -> None:
         """Stop ``w``; a fresh worker is started when the next task needs one."""
