@@ -87,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slice", metavar="I/N", default=argparse.SUPPRESS,
                    help="process only slice I of N (0-based) of the inputs; N jobs with I=0..N-1 cover all once")
     g.add_argument("--retry-failed", action="store_true", help="decode inputs the manifest lists as failed again")
-    g.add_argument("--timeout", type=float, default=1800.0, help="seconds per video before it fails (0 = none)")
+    g.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds a worker may spend on one video before it fails (0 = none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("executor")
     g.add_argument("--executor", choices=("local", "ray"), default="local",
