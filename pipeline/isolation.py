@@ -170,7 +170,7 @@ class IsolatedPool:
                 msg = w.conn.recv()
             except (EOFError, OSError):
                 return None, True
-            if isinstance(msg, str) and msg == STARTED:
+            if msg == STARTED:
                 w.running, w.started = True, time.monotonic()
                 continue
             return msg, False

@@ -14,7 +14,7 @@ from abvid.pipeline import isolation
 from abvid.pipeline.isolation import IsolatedPool
 
 
-def _work(task: dict, delay: float) -> dict:
+def _work(task: dict, _start_arg: float) -> dict:   # _start_arg: the pool args (a SlowToArrive delays start-up)
     if task.get("crash"):
         os.kill(os.getpid(), signal.SIGSEGV)
     time.sleep(task.get("sleep", 0.0))
