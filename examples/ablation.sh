@@ -4,7 +4,9 @@
 #   preprocessed alike, then `abvid ablate` (every row x every seed; resumable: rerun to continue).
 #
 #   bash examples/ablation.sh OUT                       # SimCLR on the first table's corpora: corpus seed 0, seeds 0 1 2
-#   CORPUS_SEED=900 SEEDS="900 901 902" PROBE_VIDEOS=192 bash examples/ablation.sh OUT   # the latest table (README)
+#   CORPUS_SEED=900 SEEDS="900 901 902" PROBE_VIDEOS=192 bash examples/ablation.sh OUT   # the README's 3-seed table
+#   CORPUS_SEED=2000 SEEDS=2000 KINDS=crowd ROWS="base ab" bash examples/ablation.sh OUT/c2000   # one of 40 corpora
+#       (the README's 40-corpus tables: one folder per corpus, pooled by examples/pool_tables.py)
 #   bash examples/ablation.sh OUT/dino --set objective.name=dino          # the DINO family (extra args go to abvid ablate)
 #   bash examples/ablation.sh OUT/clip --set objective.name=clip          # CLIP, the corpus' labels as captions
 #   CORPUS_SEED=100 SEEDS="100 101" bash examples/ablation.sh OUT/val     # the validation runs
@@ -18,7 +20,7 @@
 # EMA encoders, the protocol before the fourth experiment in docs/EXPERIMENTS.md).
 # Settings chosen by trying were chosen on CORPUS_SEED=100 with SEEDS="100 101" (docs/EXPERIMENTS.md); the
 # first tables use CORPUS_SEED=0 with SEEDS="0 1 2", run once after the choices were frozen; every later
-# experiment runs once on fresh ones (README: CORPUS_SEED 200 to 1000).
+# experiment runs once on fresh ones (docs/EXPERIMENTS.md: CORPUS_SEED 200 to 3078).
 set -euo pipefail
 OUT=${1:?usage: bash examples/ablation.sh OUT [--set KEY=VALUE ...]}
 shift                                   # the rest goes to abvid ablate (e.g. --set objective.name=dino)
