@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from abvid.train.ablation import ROWS, Plan, collect, commands, format_table, pool, results_path, table, write_table
+from abvid.train.ablation import (ROWS, Plan, bar_pass_rate, collect, commands, format_table, pool, results_path,
+                                  table, write_table)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import write_test_shards  # noqa: E402
@@ -123,6 +124,40 @@ def test_pool_takes_one_cell_per_table_and_the_se_over_tables(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_tables.py"), str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "abvid ablate --table-only" in r.stderr
+
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_tables.py"),
+                        *[str(tmp_path / f"t{i}") for i in range(4)], "--bar-power", "1.3", "1.7", "--bar-seeds", "3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "bar power, 3 seeds per table: clears linear" in r.stdout
+
+
+def _pooled_cells(linear: list[float], knn: list[float], seeds: int = 1) -> dict:
+    return {"linear": {"cells": linear, "n": len(linear), "seeds": [seeds] * len(linear)},
+            "knn": {"cells": knn, "n": len(knn), "seeds": [seeds] * len(knn)}}
+
+
+def test_bar_pass_rate_matches_the_t_distribution_without_a_gain():
+    # no gain and no spread between corpora: "mean > 2 SE" over 3 seeds is Student's t (2 df) above 2,
+    # P = (1 - 2 / sqrt(6)) / 2 = 0.0918; over 10 seeds (9 df) about 0.038
+    flat = _pooled_cells([0.001, -0.001, 0.0, 0.0005], [0.0, 0.001, -0.001, 0.0])
+    r3 = bar_pass_rate(flat, (0.02, 0.02), seeds=3)
+    assert r3["corpus_sd"] == [0.0, 0.0]
+    assert abs(r3["linear"] - (1 - 2 / math.sqrt(6)) / 2) < 0.004 and abs(r3["knn"] - 0.0918) < 0.004
+    assert r3["both"] < r3["linear"]
+    assert abs(bar_pass_rate(flat, (0.02, 0.02), seeds=10)["linear"] - 0.038) < 0.004
+
+
+def test_bar_pass_rate_rises_with_the_gain_and_falls_with_the_spread_between_corpora():
+    big = _pooled_cells([0.10, 0.11, 0.09, 0.10], [0.10, 0.09, 0.11, 0.10])      # 10 points, little spread
+    assert bar_pass_rate(big, (0.01, 0.01), seeds=3)["both"] > 0.95
+    steady = _pooled_cells([0.01, 0.012, 0.008, 0.01], [0.01, 0.008, 0.012, 0.01])
+    scattered = _pooled_cells([0.04, -0.02, 0.03, -0.01], [-0.02, 0.04, -0.01, 0.03])  # same 1-point mean
+    a, b = bar_pass_rate(steady, (0.01, 0.01), seeds=10), bar_pass_rate(scattered, (0.01, 0.01), seeds=10)
+    assert b["corpus_sd"][0] > 0.02 and a["corpus_sd"][0] < 0.005 and b["rho"] < 0
+    assert a["linear"] > b["linear"] + 0.1
+    with pytest.raises(ValueError, match="both probes"):
+        bar_pass_rate({"linear": big["linear"]}, (0.01, 0.01))
 
 
 def _fake_run(out: Path, row: str, seed: int, linear: float, knn: float, finished: bool = True) -> None:

@@ -279,14 +279,15 @@ def write_table(out: Path, which: str = WHICH[0]) -> str:
     return md
 
 
-def _paired(t: dict, row: str, against: str, probe: str) -> float | None:
-    """Mean over shared seeds of ``row`` minus ``against`` in table ``t`` (None where either is missing)."""
+def _paired(t: dict, row: str, against: str, probe: str) -> tuple[float, int] | None:
+    """Mean over shared seeds of ``row`` minus ``against`` in table ``t``, and the number of those seeds
+    (None where either is missing)."""
     a, b = t["rows"].get(row), t["rows"].get(against)
     if not a or not b or probe not in a or probe not in b:
         return None
     va, vb = dict(zip(a["seeds"], a[probe]["values"])), dict(zip(b["seeds"], b[probe]["values"]))
     shared = sorted(set(va) & set(vb))
-    return statistics.fmean(va[s] - vb[s] for s in shared) if shared else None
+    return (statistics.fmean(va[s] - vb[s] for s in shared), len(shared)) if shared else None
 
 
 def pool(tables: list[dict], row: str = "ab", against: str = "base") -> dict:
@@ -297,9 +298,40 @@ def pool(tables: list[dict], row: str = "ab", against: str = "base") -> dict:
     share a corpus as independent."""
     out: dict = {"row": row, "against": against, "tables": len(tables)}
     for probe in PROBES:
-        cells = [c for t in tables if (c := _paired(t, row, against, probe)) is not None]
-        if cells:
+        paired = [c for t in tables if (c := _paired(t, row, against, probe)) is not None]
+        if paired:
+            cells = [c for c, _ in paired]
             mean, std = _mean_std(cells)
             out[probe] = {"mean": mean, "se": std / math.sqrt(len(cells)) if len(cells) > 1 else float("nan"),
-                          "n": len(cells), "above_0": sum(c > 0 for c in cells), "cells": cells}
+                          "n": len(cells), "above_0": sum(c > 0 for c in cells), "cells": cells,
+                          "seeds": [k for _, k in paired]}
     return out
+
+
+def bar_pass_rate(pooled: dict, seed_sd: tuple[float, float], seeds: int = 3, draws: int = 200_000,
+                  rng_seed: int = 0) -> dict[str, float]:
+    """How often one ``seeds``-seed table on a fresh corpus would clear the per-table bar (the mean of the
+    per-seed paired differences above twice its standard error), per probe and on both at once, if AB's
+    gain is what ``pooled`` (a :func:`pool` result over many corpora) measures.
+
+    A model, not a measurement: a corpus' true gain is normal around the pooled mean with the spread between
+    corpora (the cells' variance minus the seed part, ``seed_sd**2 / seeds per cell``); each seed adds normal
+    noise of ``seed_sd`` (the per-seed SD of paired differences within one table, fractions of mAP like the
+    cells, measured elsewhere); both parts are correlated across the two probes as the cells are."""
+    import numpy as np
+
+    if any(p not in pooled for p in PROBES) or len({pooled[p]["n"] for p in PROBES}) != 1 \
+            or pooled[PROBES[0]]["n"] < 3:
+        raise ValueError("bar_pass_rate needs both probes' cells from the same tables, at least 3 of them")
+    cells = np.array([pooled[p]["cells"] for p in PROBES]).T                   # (corpora, 2)
+    per_cell = np.mean([1 / k for k in pooled[PROBES[0]]["seeds"]])
+    seed_var = np.square(seed_sd)
+    corpus_sd = np.sqrt(np.maximum(cells.var(axis=0, ddof=1) - seed_var * per_cell, 0.0))
+    rho = float(np.nan_to_num(np.clip(np.corrcoef(cells.T)[0, 1], -0.99, 0.99)))
+    chol = np.linalg.cholesky(np.array([[1.0, rho], [rho, 1.0]]))
+    rng = np.random.default_rng(rng_seed)
+    gain = cells.mean(axis=0) + corpus_sd * (rng.standard_normal((draws, 2)) @ chol.T)
+    d = gain[:, None] + np.sqrt(seed_var) * (rng.standard_normal((draws, seeds, 2)) @ chol.T)
+    ok = d.mean(axis=1) > 2 * d.std(axis=1, ddof=1) / math.sqrt(seeds)
+    return {**{p: float(ok[:, i].mean()) for i, p in enumerate(PROBES)}, "both": float(ok.all(axis=1).mean()),
+            "corpus_sd": corpus_sd.tolist(), "rho": rho}
