@@ -295,7 +295,7 @@ def pool(tables: list[dict], row: str = "ab", against: str = "base") -> dict:
     cell per table, the mean of ``row``'s paired differences against ``against`` (the base method, or another
     row such as ``ab``) there; then the mean over cells and its standard error ``std / sqrt(cells)``.
     Corpus-to-corpus spread enters the SE, so unlike pooling the seeds themselves it does not count seeds that
-    share a corpus as independent."""
+    share a corpus as independent. Each probe also lists its ``cells`` and how many ``seeds`` each averages."""
     out: dict = {"row": row, "against": against, "tables": len(tables)}
     for probe in PROBES:
         paired = [c for t in tables if (c := _paired(t, row, against, probe)) is not None]
@@ -309,7 +309,7 @@ def pool(tables: list[dict], row: str = "ab", against: str = "base") -> dict:
 
 
 def bar_pass_rate(pooled: dict, seed_sd: tuple[float, float], seeds: int = 3, draws: int = 200_000,
-                  rng_seed: int = 0) -> dict[str, float]:
+                  rng_seed: int = 0) -> dict:
     """How often one ``seeds``-seed table on a fresh corpus would clear the per-table bar (the mean of the
     per-seed paired differences above twice its standard error), per probe and on both at once, if AB's
     gain is what ``pooled`` (a :func:`pool` result over many corpora) measures.
