@@ -130,6 +130,12 @@ def test_pool_takes_one_cell_per_table_and_the_se_over_tables(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "bar power, 3 seeds per table: clears linear" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_tables.py"), str(tmp_path / "t0"),
+                        "--bar-power", "-1", "1.7"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--bar-power takes two SDs >= 0" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_tables.py"), str(tmp_path / "t0"),
+                        str(tmp_path / "t1"), "--bar-power", "1.3", "1.7"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "at least 3 of them" in r.stderr            # two tables: too few to model
 
 
 def _pooled_cells(linear: list[float], knn: list[float], seeds: int = 1) -> dict:
